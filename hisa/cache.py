@@ -1,0 +1,237 @@
+"""HisaCache: a transformers ``Cache`` holding K, V and the pooled (mean) key of every block.
+
+Each layer keeps preallocated K/V buffers that grow geometrically (amortised O(1) appends, no
+concatenation per decode step) and, per block of ``block_size`` tokens, a float32 running sum of its
+keys plus the mean derived from it. Appending t tokens touches only the blocks those tokens fall in.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from .config import HisaConfig
+
+_MIN_CAPACITY = 256
+
+
+class HisaLayer(DynamicLayer):
+    """One layer's K/V plus pooled keys. ``keys``/``values`` are views of the live prefix."""
+
+    def __init__(self, block_size: int, max_cache_len: int | None = None, growth: float = 1.5):
+        super().__init__()
+        self.block_size = block_size
+        self.max_cache_len = max_cache_len
+        self.growth = growth
+        self.length = 0
+        self._k = self._v = self._psum = self._pooled = None
+
+    # -- storage -------------------------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.dtype = key_states.dtype
+        self.is_initialized = True
+        self.length = 0
+        cap = max(self.max_cache_len or 0, key_states.shape[-2], _MIN_CAPACITY)
+        self._allocate(key_states, value_states, cap)
+        self._sync_views()
+
+    def _allocate(self, key_states, value_states, cap: int) -> None:
+        B, H, _, D = key_states.shape
+        Dv = value_states.shape[-1]
+        cap = math.ceil(cap / self.block_size) * self.block_size
+        nb = cap // self.block_size
+        new_k = key_states.new_empty(B, H, cap, D)
+        new_v = value_states.new_empty(B, H, cap, Dv)
+        new_psum = torch.zeros(B, H, nb, D, dtype=torch.float32, device=key_states.device)
+        new_pooled = torch.zeros(B, H, nb, D, dtype=torch.float32, device=key_states.device)
+        if self._k is not None and self.length:
+            n, used = self.length, math.ceil(self.length / self.block_size)
+            new_k[:, :, :n] = self._k[:, :, :n]
+            new_v[:, :, :n] = self._v[:, :, :n]
+            new_psum[:, :, :used] = self._psum[:, :, :used]
+            new_pooled[:, :, :used] = self._pooled[:, :, :used]
+        self._k, self._v, self._psum, self._pooled = new_k, new_v, new_psum, new_pooled
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self._k is None else self._k.shape[2]
+
+    def _sync_views(self) -> None:
+        n = self.length
+        self.keys = self._k[:, :, :n]
+        self.values = self._v[:, :, :n]
+        # transformers reads these two attributes; tag the key view so HISA attention finds this layer
+        self.keys._hisa_layer = weakref.ref(self)
+
+    @property
+    def pooled_keys(self) -> torch.Tensor:
+        """[B, H, ceil(length / block_size), D] float32 mean key of every block (last one partial)."""
+        return self._pooled[:, :, : math.ceil(self.length / self.block_size)]
+
+    # -- transformers API ----------------------------------------------------------------------
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n, t = self.length, key_states.shape[-2]
+        if t == 0:
+            return self.keys, self.values
+        if n + t > self.capacity:
+            self._allocate(self._k, self._v, max(n + t, int(self.capacity * self.growth)))
+        self._k[:, :, n : n + t] = key_states
+        self._v[:, :, n : n + t] = value_states
+        self._add_to_pools(key_states, n)
+        self.length = n + t
+        self._sync_views()
+        return self.keys, self.values
+
+    def _add_to_pools(self, key_states: torch.Tensor, start: int) -> None:
+        bs = self.block_size
+        B, H, t, D = key_states.shape
+        b0, b1 = start // bs, (start + t - 1) // bs
+        kf = key_states.float()
+        if b0 == b1:  # all new tokens fall in one block (always true for a decode step)
+            self._psum[:, :, b0] += kf.sum(dim=2)
+        else:
+            head = start - b0 * bs
+            tail = (b1 + 1) * bs - (start + t)
+            parts = [kf.new_zeros(B, H, head, D), kf, kf.new_zeros(B, H, tail, D)]
+            self._psum[:, :, b0 : b1 + 1] += torch.cat(parts, dim=2).view(B, H, b1 - b0 + 1, bs, D).sum(3)
+        self._refresh_means(b0, b1, start + t)
+
+    def _refresh_means(self, b0: int, b1: int, length: int) -> None:
+        bs = self.block_size
+        starts = torch.arange(b0, b1 + 1, device=self._psum.device) * bs
+        counts = (length - starts).clamp(max=bs).float()
+        self._pooled[:, :, b0 : b1 + 1] = self._psum[:, :, b0 : b1 + 1] / counts[:, None]
+
+    def crop_to(self, length: int) -> None:
+        """Keep the first ``length`` tokens; the pooled key of the new last block is recomputed from
+        its cached keys (at most ``block_size`` of them)."""
+        if not self.is_initialized or length >= self.length:
+            return
+        length = max(0, length)
+        bs = self.block_size
+        first_dead = math.ceil(length / bs)
+        used = math.ceil(self.length / bs)
+        self._psum[:, :, first_dead:used] = 0
+        self._pooled[:, :, first_dead:used] = 0
+        if length % bs:
+            b = length // bs
+            self._psum[:, :, b] = self._k[:, :, b * bs : length].float().sum(dim=2)
+            self._refresh_means(b, b, length)
+        self.length = length
+        self._sync_views()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        # transformers has used both conventions: a negative count to remove, or a length to keep
+        if tokens_to_remove <= 0:
+            self.crop_to(self.length + tokens_to_remove)
+        else:
+            self.crop_to(tokens_to_remove)
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        """Forget every token but keep the buffers for reuse."""
+        if self.is_initialized:
+            self._psum.zero_()
+            self._pooled.zero_()
+            self.length = 0
+            self._sync_views()
+
+    def release(self) -> None:
+        """Drop the buffers (frees their memory)."""
+        self._k = self._v = self._psum = self._pooled = None
+        self.keys = self.values = None
+        self.length = 0
+        self.is_initialized = False
+
+    def _map_batch(self, fn) -> None:
+        if not self.is_initialized:
+            return
+        self._k, self._v, self._psum, self._pooled = (fn(t) for t in (self._k, self._v, self._psum, self._pooled))
+        self._sync_views()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda t: t[indices].contiguous())
+
+    def offload(self):
+        raise NotImplementedError("HisaCache does not support offloading")
+
+    def prefetch(self):
+        pass
+
+    def nbytes(self) -> dict:
+        if not self.is_initialized:
+            return {"kv": 0, "pooled": 0}
+        kv = self._k.numel() * self._k.element_size() + self._v.numel() * self._v.element_size()
+        pooled = self._psum.numel() * 4 + self._pooled.numel() * 4
+        return {"kv": kv, "pooled": pooled}
+
+
+class HisaCache(Cache):
+    """A transformers ``Cache`` for HISA: K/V plus the pooled key of every block, per layer.
+
+    ``HisaCache(config)`` creates layers lazily as the model writes them; ``max_cache_len`` preallocates
+    each layer for that many tokens (no regrowth up to it).
+    """
+
+    def __init__(self, config: HisaConfig | None = None, max_cache_len: int | None = None, num_layers: int | None = None):
+        self.hisa_config = config or HisaConfig()
+        self.prealloc_len = max_cache_len
+        layers = [self._new_layer() for _ in range(num_layers or 0)]
+        super().__init__(layers=layers)
+
+    def _new_layer(self) -> HisaLayer:
+        return HisaLayer(self.hisa_config.block_size, self.prealloc_len)
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        while len(self.layers) <= layer_idx:
+            self.layers.append(self._new_layer())
+        return self.layers[layer_idx].update(key_states, value_states)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        if layer_idx >= len(self.layers):
+            return 0
+        return self.layers[layer_idx].get_seq_length()
+
+    def pooled_keys(self, layer_idx: int) -> torch.Tensor:
+        return self.layers[layer_idx].pooled_keys
+
+    def crop_to(self, length: int) -> None:
+        """Keep only the first ``length`` tokens of every layer (prefix reuse)."""
+        for layer in self.layers:
+            layer.crop_to(length)
+
+    def crop(self, max_length: int) -> None:
+        for layer in self.layers:
+            layer.crop(max_length)
+
+    def reset(self) -> None:
+        for layer in self.layers:
+            layer.reset()
+
+    def release(self) -> None:
+        for layer in self.layers:
+            layer.release()
+
+    def nbytes(self) -> dict:
+        total = {"kv": 0, "pooled": 0}
+        for layer in self.layers:
+            for key, val in layer.nbytes().items():
+                total[key] += val
+        return total
