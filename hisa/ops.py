@@ -2,6 +2,17 @@
 
 This is the seam where GPU kernels plug in. Everything here takes and returns transformers' layout
 (q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D], pooled [B, Hkv, NB, D]) and returns [B, Hq, Lq, D].
+
+Backends (env ``HISA_BACKEND``):
+  auto            Triton kernels on CUDA when available, else the reference (default)
+  triton          the Triton kernels (error if unavailable)
+  reference       the per-query pure-PyTorch reference (the specification)
+  reference_tiled the pure-PyTorch specification of the kernels' tile-shared prefill semantics (so that
+                  quality measured without a GPU reflects what the prefill kernel computes)
+
+On the Triton backend, calls whose key length is below a measured crossover run dense SDPA instead
+(HISA is never slower than dense there); ``HISA_DENSE_BELOW`` (prefill) and ``HISA_DENSE_BELOW_DECODE``
+override the crossovers, 0 disables them.
 """
 
 from __future__ import annotations
@@ -11,9 +22,15 @@ import os
 import torch
 
 from .config import HisaConfig
-from .reference import hisa_attention_reference
+from .reference import hisa_attention_reference, mask_to_bool
 
-_BACKEND_ENV = "HISA_BACKEND"  # "auto" (default), "reference" or "triton"
+_BACKEND_ENV = "HISA_BACKEND"
+BACKENDS = ("auto", "reference", "reference_tiled", "triton")
+
+# Key lengths below which dense SDPA beats the kernels, measured with bench/attention.py on an H100
+# (docs/benchmarks.md). Prefill = more than EXACT_MAX_QUERIES queries in the call, decode = fewer.
+DENSE_BELOW_PREFILL = 16384
+DENSE_BELOW_DECODE = 8192
 
 
 def _triton_backend():
@@ -24,15 +41,47 @@ def _triton_backend():
     return kernels if getattr(kernels, "AVAILABLE", False) else None
 
 
-def backend_for(q: torch.Tensor) -> str:
+def _choice() -> str:
     choice = os.environ.get(_BACKEND_ENV, "auto")
-    if choice == "reference" or not q.is_cuda:
+    if choice not in BACKENDS:
+        raise ValueError(f"{_BACKEND_ENV} must be one of {BACKENDS}, got {choice!r}")
+    return choice
+
+
+def backend_for(q: torch.Tensor) -> str:
+    choice = _choice()
+    if choice in ("reference", "reference_tiled"):
+        return choice
+    if not q.is_cuda:
+        if choice == "triton":
+            raise RuntimeError("HISA_BACKEND=triton needs CUDA tensors")
         return "reference"
     if _triton_backend() is not None:
         return "triton"
     if choice == "triton":
         raise RuntimeError("HISA_BACKEND=triton but the Triton kernels are not available")
     return "reference"
+
+
+def dense_crossover(q_len: int) -> int:
+    """Key length below which the Triton backend runs dense SDPA for a call with ``q_len`` queries."""
+    from .kernels import EXACT_MAX_QUERIES  # noqa: PLC0415
+
+    if q_len <= EXACT_MAX_QUERIES:
+        return int(os.environ.get("HISA_DENSE_BELOW_DECODE", DENSE_BELOW_DECODE))
+    return int(os.environ.get("HISA_DENSE_BELOW", DENSE_BELOW_PREFILL))
+
+
+def sdpa_dense(q, k, v, *, scale=None, mask=None) -> torch.Tensor:
+    """Causal dense attention through SDPA (bottom-right aligned causality, optional mask)."""
+    Lq, Lk = q.shape[2], k.shape[2]
+    mask = mask_to_bool(mask)
+    kw = {"scale": scale, "enable_gqa": q.shape[1] != k.shape[1]}
+    if mask is None and (Lq == Lk or Lq == 1):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=Lq == Lk and Lq > 1, **kw)
+    causal = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril(Lk - Lq)
+    attn_mask = causal if mask is None else (mask & causal)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, **kw)
 
 
 def hisa_attention(
@@ -45,6 +94,15 @@ def hisa_attention(
     scale: float | None = None,
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    if backend_for(q) == "triton":
+    backend = backend_for(q)
+    if backend == "triton":
+        if k.shape[2] < dense_crossover(q.shape[2]):
+            return sdpa_dense(q, k, v, scale=scale, mask=mask)
         return _triton_backend().hisa_attention(q, k, v, pooled, config, scale=scale, mask=mask)
+    if backend == "reference_tiled":
+        from .kernels import EXACT_MAX_QUERIES  # noqa: PLC0415
+        from .kernels.reference_tiled import hisa_attention_tiled_reference  # noqa: PLC0415
+
+        if q.shape[2] > EXACT_MAX_QUERIES:  # the kernels use per-query selection for short chunks
+            return hisa_attention_tiled_reference(q, k, v, pooled, config, scale=scale, mask=mask)
     return hisa_attention_reference(q, k, v, pooled, config, scale=scale, mask=mask)

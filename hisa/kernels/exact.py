@@ -1,0 +1,258 @@
+"""Exact per-query HISA on the GPU (decode and short query chunks): the reference's semantics.
+
+Pipeline for R = B x units x Lq selection rows (a unit is a KV-head group with ``selection="group"``,
+one query head with ``"head"``):
+
+1. ``_block_scores``  stage 1: each row's selector (the sum of its unit's query heads) dotted with every
+   pooled key -> [R, NB] float32 (many programs per row).
+2. ``topk_select``    top ``top_blocks`` visible blocks per row, sink and own block forced.
+3. ``_token_scores``  stage 2: selector . key for every token of the kept blocks, x scale; causality,
+   padding and the optional mask give -inf -> [R, top_blocks * bs].
+4. ``topk_select``    top ``top_k`` tokens per row, mapped back to key indices.
+5. ``_sparse_attn``   flash-decoding over the kept tokens: the kept list is split across programs
+   (split-K), every program serves all heads of its unit with one gather of K/V rows (tensor-core dot),
+   and writes a partial (max, sum, acc); ``_combine`` merges the partials. With one split the first
+   kernel writes the output directly.
+
+The group score is computed as (sum_g q_g) . k, which equals the reference's sum_g (q_g . k) up to
+float32 rounding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .select import topk_select
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _load_selector(Q, b, u, i, sqb, sqh, sqt, SG, D, SGP: tl.constexpr, DP: tl.constexpr):
+    g = tl.arange(0, SGP)
+    d = tl.arange(0, DP)
+    h = u * SG + g
+    ptr = Q + b * sqb + h[:, None].to(tl.int64) * sqh + i * sqt + d[None, :]
+    q = tl.load(ptr, mask=(g[:, None] < SG) & (d[None, :] < D), other=0.0).to(tl.float32)
+    return tl.sum(q, 0)
+
+
+@triton.jit
+def _block_scores(
+    Q, P, S, sqb, sqh, sqt, spb, sph, spn, ss,
+    NSEL, Lq, SG, G, NB, D,
+    SGP: tl.constexpr, DP: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    row = tl.program_id(0)
+    i = row % Lq
+    bu = row // Lq
+    b = (bu // NSEL).to(tl.int64)
+    u = bu % NSEL
+    kv = (u * SG) // G
+    qs = _load_selector(Q, b, u, i, sqb, sqh, sqt, SG, D, SGP, DP)
+    n = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    d = tl.arange(0, DP)
+    p = tl.load(P + b * spb + kv * sph + n[:, None] * spn + d[None, :],
+                mask=(n[:, None] < NB) & (d[None, :] < D), other=0.0)
+    s = tl.sum(p * qs[None, :], 1)
+    tl.store(S + row.to(tl.int64) * ss + n, s, mask=n < NB)
+
+
+@triton.jit
+def _token_scores(
+    Q, K, BLK, S, MASK,
+    sqb, sqh, sqt, skb, skh, skt, sblk, ss, smb, smq, smk,
+    NSEL, Lq, SG, G, D, bs, top_blocks, q_start, Lk, scale,
+    SGP: tl.constexpr, DP: tl.constexpr, BSP: tl.constexpr, BPP: tl.constexpr, HAS_MASK: tl.constexpr,
+):
+    row = tl.program_id(0)
+    i = row % Lq
+    bu = row // Lq
+    b = (bu // NSEL).to(tl.int64)
+    u = bu % NSEL
+    kv = (u * SG) // G
+    pos = q_start + i
+    qs = _load_selector(Q, b, u, i, sqb, sqh, sqt, SG, D, SGP, DP)
+    j = tl.arange(0, BPP * BSP)
+    slot = tl.program_id(1) * BPP + j // BSP
+    within = j % BSP
+    in_range = (slot < top_blocks) & (within < bs)
+    blk = tl.load(BLK + row.to(tl.int64) * sblk + slot, mask=in_range, other=-1)
+    tok = blk * bs + within
+    ok = in_range & (blk >= 0) & (tok <= pos) & (tok < Lk)
+    if HAS_MASK:
+        mval = tl.load(MASK + b * smb + i * smq + tok.to(tl.int64) * smk, mask=ok, other=0)
+        ok = ok & (mval != 0)
+    d = tl.arange(0, DP)
+    kk = tl.load(K + b * skb + kv * skh + tok[:, None].to(tl.int64) * skt + d[None, :],
+                 mask=ok[:, None] & (d[None, :] < D), other=0.0).to(tl.float32)
+    s = tl.sum(kk * qs[None, :], 1) * scale
+    s = tl.where(ok, s, float("-inf"))
+    tl.store(S + row.to(tl.int64) * ss + slot * bs + within, s, mask=in_range)
+
+
+@triton.jit
+def _sparse_attn(
+    Q, K, V, IDX, O, PO, PM, PL,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, sidx,
+    NSEL, Lq, SG, G, D, n_idx, chunk, qk_scale, NSPLIT,
+    MP: tl.constexpr, DP: tl.constexpr, BLOCK_T: tl.constexpr, DIRECT: tl.constexpr,
+):
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    i = row % Lq
+    bu = row // Lq
+    b = (bu // NSEL).to(tl.int64)
+    u = bu % NSEL
+    kv = (u * SG) // G
+    g = tl.arange(0, MP)
+    d = tl.arange(0, DP)
+    h = u * SG + g
+    qmask = (g[:, None] < SG) & (d[None, :] < D)
+    q = tl.load(Q + b * sqb + h[:, None].to(tl.int64) * sqh + i * sqt + d[None, :], mask=qmask, other=0.0)
+    m_i = tl.full([MP], -1.0e30, tl.float32)
+    l_i = tl.zeros([MP], tl.float32)
+    acc = tl.zeros([MP, DP], tl.float32)
+    start = split * chunk
+    end = start + chunk
+    kbase = K + b * skb + kv * skh
+    vbase = V + b * svb + kv * svh
+    for t0 in range(0, chunk, BLOCK_T):
+        t = start + t0 + tl.arange(0, BLOCK_T)
+        tok = tl.load(IDX + row.to(tl.int64) * sidx + t, mask=(t < end) & (t < n_idx), other=-1)
+        ok = tok >= 0
+        toff = tok.to(tl.int64)
+        kk = tl.load(kbase + toff[:, None] * skt + d[None, :], mask=ok[:, None] & (d[None, :] < D), other=0.0)
+        s = tl.dot(q, tl.trans(kk)) * qk_scale
+        s = tl.where(ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        vv = tl.load(vbase + toff[:, None] * svt + d[None, :], mask=ok[:, None] & (d[None, :] < D), other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv)
+        m_i = m_new
+    if DIRECT:
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(O + b * sob + h[:, None].to(tl.int64) * soh + i * sot + d[None, :], out.to(O.dtype.element_ty),
+                 mask=qmask)
+    else:
+        base = (row.to(tl.int64) * NSPLIT + split) * MP
+        tl.store(PM + base + g, m_i)
+        tl.store(PL + base + g, l_i)
+        tl.store(PO + (base + g[:, None]) * DP + d[None, :], acc)
+
+
+@triton.jit
+def _combine(
+    O, PO, PM, PL, sob, soh, sot, NSEL, Lq, SG, D, NSPLIT,
+    MP: tl.constexpr, DP: tl.constexpr, SPLITP: tl.constexpr,
+):
+    row = tl.program_id(0)
+    i = row % Lq
+    bu = row // Lq
+    b = (bu // NSEL).to(tl.int64)
+    u = bu % NSEL
+    sp = tl.arange(0, SPLITP)
+    g = tl.arange(0, MP)
+    d = tl.arange(0, DP)
+    base = row.to(tl.int64) * NSPLIT * MP
+    smask = sp[:, None] < NSPLIT
+    m = tl.load(PM + base + sp[:, None] * MP + g[None, :], mask=smask, other=-1.0e30)  # [S, MP]
+    l = tl.load(PL + base + sp[:, None] * MP + g[None, :], mask=smask, other=0.0)
+    m_max = tl.max(m, 0)
+    w = tl.math.exp2(m - m_max[None, :])
+    l_tot = tl.sum(w * l, 0)
+    out = tl.zeros([MP, DP], tl.float32)
+    for s in range(0, NSPLIT):
+        ws = tl.sum(tl.where(sp[:, None] == s, w, 0.0), 0)  # [MP]
+        o = tl.load(PO + (base + s * MP + g[:, None]) * DP + d[None, :])
+        out += ws[:, None] * o
+    out = out / tl.where(l_tot > 0, l_tot, 1.0)[:, None]
+    h = u * SG + g
+    tl.store(O + b * sob + h[:, None].to(tl.int64) * soh + i * sot + d[None, :], out.to(O.dtype.element_ty),
+             mask=(g[:, None] < SG) & (d[None, :] < D))
+
+
+def _sm_count(device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+
+
+def hisa_attention_exact(q, k, v, pooled, config, *, scale, q_start, mask, out, max_rows: int = 1 << 14):
+    """Per-query HISA (the reference's semantics) into ``out`` [B, Hq, Lq, D]. ``mask`` is None or a bool
+    tensor [B, 1, Lq, Lk]."""
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    SG = G if config.selection == "group" else 1
+    NSEL = Hq // SG
+    bs, TB, TK = config.block_size, config.top_blocks, config.top_k
+    NB = math.ceil(Lk / bs)
+    DP = triton.next_power_of_2(D)
+    SGP = triton.next_power_of_2(SG)
+    MP = max(16, SGP)
+    BSP = triton.next_power_of_2(bs)
+    BPP = max(1, 128 // BSP)
+    W2 = TB * bs
+    dev = q.device
+    # queries are processed in chunks so the score buffers stay bounded
+    qc = max(1, min(Lq, max_rows // (B * NSEL)))
+    for c0 in range(0, Lq, qc):
+        c1 = min(Lq, c0 + qc)
+        n = c1 - c0
+        R = B * NSEL * n
+        qv = q[:, :, c0:c1]
+        ov = out[:, :, c0:c1]
+        qs0 = q_start + c0
+        mv = mask[:, :, c0:c1] if mask is not None else None
+        # stage 1
+        s1 = torch.empty(R, NB, dtype=torch.float32, device=dev)
+        BLOCK_B = 128
+        _block_scores[(R, triton.cdiv(NB, BLOCK_B))](
+            qv, pooled, s1, qv.stride(0), qv.stride(1), qv.stride(2),
+            pooled.stride(0), pooled.stride(1), pooled.stride(2), s1.stride(0),
+            NSEL, n, SG, G, NB, D, SGP=SGP, DP=DP, BLOCK_B=BLOCK_B, num_warps=4,
+        )
+        blk = topk_select(s1, TB, n=NB, nvis=(qs0, 1, n, bs))
+        # stage 2
+        s2 = torch.empty(R, W2, dtype=torch.float32, device=dev)
+        m_arg = mv if mv is not None else s2
+        ms = (mv.stride(0), mv.stride(2), mv.stride(3)) if mv is not None else (0, 0, 0)
+        _token_scores[(R, triton.cdiv(TB, BPP))](
+            qv, k, blk, s2, m_arg,
+            qv.stride(0), qv.stride(1), qv.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            blk.stride(0), s2.stride(0), *ms,
+            NSEL, n, SG, G, D, bs, TB, qs0, Lk, scale,
+            SGP=SGP, DP=DP, BSP=BSP, BPP=BPP, HAS_MASK=mv is not None, num_warps=4,
+        )
+        idx = topk_select(s2, TK, n=W2, block_map=blk, map_bs=bs)
+        # attention over the kept tokens
+        BLOCK_T = 64
+        want = max(1, (2 * _sm_count(dev)) // R)
+        nsplit = max(1, min(want, triton.cdiv(TK, BLOCK_T)))
+        chunk = triton.cdiv(triton.cdiv(TK, nsplit), BLOCK_T) * BLOCK_T
+        nsplit = triton.cdiv(TK, chunk)
+        direct = nsplit == 1
+        if direct:
+            po = pm = pl = s2  # unused
+        else:
+            po = torch.empty(R * nsplit * MP * DP, dtype=torch.float32, device=dev)
+            pm = torch.empty(R * nsplit * MP, dtype=torch.float32, device=dev)
+            pl = torch.empty(R * nsplit * MP, dtype=torch.float32, device=dev)
+        _sparse_attn[(R, nsplit)](
+            qv, k, v, idx, ov, po, pm, pl,
+            qv.stride(0), qv.stride(1), qv.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), ov.stride(0), ov.stride(1), ov.stride(2), idx.stride(0),
+            NSEL, n, SG, G, D, TK, chunk, scale * _LOG2E, nsplit,
+            MP=MP, DP=DP, BLOCK_T=BLOCK_T, DIRECT=direct, num_warps=4,
+        )
+        if not direct:
+            _combine[(R,)](
+                ov, po, pm, pl, ov.stride(0), ov.stride(1), ov.stride(2), NSEL, n, SG, D, nsplit,
+                MP=MP, DP=DP, SPLITP=max(2, triton.next_power_of_2(nsplit)), num_warps=4,
+            )
+    return out

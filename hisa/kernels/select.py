@@ -1,0 +1,133 @@
+"""Row-wise top-k *selection* (not sorting) in one Triton program per row.
+
+Each row of ``scores`` is held in registers; the k-th largest value is found by bisection over the
+order-preserving integer image of the float32 bits (32 counting passes, no sort), then the kept columns
+are compacted in ascending column order with a prefix sum. Ties at the threshold keep the lowest
+columns. Entries equal to -inf (masked) are never kept, so a row with fewer than k finite entries keeps
+all of them; the output row is padded with -1.
+
+Optional per-row visibility (``nvis`` columns visible, the first and the last visible column forced in
+with +inf) implements HISA's stage-1 rules without a separate masking pass, and an optional block map
+turns a candidate column ``j`` into the token index ``block_map[row, j // bs] * bs + j % bs``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_SELECT_WIDTH = 16384  # wider rows fall back to torch.topk
+
+
+@triton.jit
+def _select_kernel(
+    S, stride_s, N, K, OUT, stride_o,
+    MAP, stride_map, map_bs,
+    pos0, pos_step, L_inner, nvis_bs,
+    BLOCK: tl.constexpr, KP: tl.constexpr, HAS_NVIS: tl.constexpr, HAS_MAP: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    x = tl.load(S + row * stride_s + offs, mask=offs < N, other=float("-inf"))
+    if HAS_NVIS:
+        # row = outer * L_inner + inner; its query/tile sits at pos0 + inner * pos_step
+        pos = pos0 + (row % L_inner) * pos_step
+        nvis = pos // nvis_bs + 1
+        x = tl.where(offs < nvis, x, float("-inf"))
+        x = tl.where((offs == 0) | (offs == nvis - 1), float("inf"), x)
+    valid = x > float("-inf")
+    bits = x.to(tl.int32, bitcast=True)
+    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)
+    lo = tl.min(key, 0)
+    hi = tl.max(key, 0)
+    for _ in range(32):
+        mid = lo + (hi - lo + 1) // 2
+        c = tl.sum((key >= mid).to(tl.int32), 0)
+        ok = c >= K
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid - 1)
+    gt = key > lo
+    n_gt = tl.sum(gt.to(tl.int32), 0)
+    tie = (key == lo).to(tl.int32)
+    tie_rank = tl.cumsum(tie, 0)
+    keep = (gt | ((tie > 0) & (tie_rank <= K - n_gt))) & valid
+    keep_i = keep.to(tl.int32)
+    dest = tl.cumsum(keep_i, 0) - 1
+    if HAS_MAP:
+        blk = tl.load(MAP + row * stride_map + offs // map_bs, mask=keep, other=0)
+        val = blk * map_bs + offs % map_bs
+    else:
+        val = offs
+    tl.store(OUT + row * stride_o + dest, val.to(tl.int32), mask=keep)
+    nkeep = tl.sum(keep_i, 0)
+    pad = nkeep + tl.arange(0, KP)
+    tl.store(OUT + row * stride_o + pad, tl.full([KP], -1, tl.int32), mask=pad < K)
+
+
+def _warps(block: int) -> int:
+    return 4 if block <= 1024 else 8 if block <= 4096 else 16
+
+
+def topk_select(
+    scores: torch.Tensor,
+    k: int,
+    *,
+    n: int | None = None,
+    nvis: tuple[int, int, int, int] | None = None,
+    block_map: torch.Tensor | None = None,
+    map_bs: int = 1,
+) -> torch.Tensor:
+    """Indices [R, k] int32 (ascending, -1 padded) of the k largest finite entries of each row of
+    ``scores`` [R, >=n] float32 (only the first ``n`` columns compete).
+
+    ``nvis=(pos0, pos_step, L_inner, bs)``: row r sees columns < (pos0 + (r % L_inner) * pos_step) // bs + 1
+    and its first and last visible columns are always kept. ``block_map`` [R, >= n / map_bs] int32:
+    return ``block_map[r, j // map_bs] * map_bs + j % map_bs`` instead of the column j.
+    """
+    R = scores.shape[0]
+    n = scores.shape[1] if n is None else n
+    out = torch.empty(R, k, dtype=torch.int32, device=scores.device)
+    if R == 0:
+        return out
+    if scores.stride(1) != 1:
+        scores = scores.contiguous()
+    block = max(16, triton.next_power_of_2(n))
+    if block > MAX_SELECT_WIDTH:
+        return _topk_select_torch(scores[:, :n], k, nvis, block_map, map_bs)
+    pos0, pos_step, L_inner, nbs = nvis if nvis is not None else (0, 0, 1, 1)
+    has_map = block_map is not None
+    mp = block_map if has_map else out
+    _select_kernel[(R,)](
+        scores, scores.stride(0), n, k, out, out.stride(0),
+        mp, mp.stride(0), map_bs,
+        pos0, pos_step, L_inner, nbs,
+        BLOCK=block, KP=max(16, triton.next_power_of_2(k)), HAS_NVIS=nvis is not None, HAS_MAP=has_map,
+        num_warps=_warps(block),
+    )
+    return out
+
+
+def _topk_select_torch(scores, k, nvis, block_map, map_bs):
+    """Same contract as :func:`topk_select` with torch.topk (very wide rows only)."""
+    R, n = scores.shape
+    x = scores.float().clone()
+    cols = torch.arange(n, device=x.device)
+    if nvis is not None:
+        pos0, pos_step, L_inner, nbs = nvis
+        rows = torch.arange(R, device=x.device)
+        nv = (pos0 + (rows % L_inner) * pos_step) // nbs + 1
+        x = x.masked_fill(cols[None, :] >= nv[:, None], float("-inf"))
+        forced = (cols[None, :] == 0) | (cols[None, :] == (nv - 1)[:, None])
+        x = x.masked_fill(forced, float("inf"))
+    kk = min(k, n)
+    vals, idx = x.topk(kk, dim=1)
+    idx = idx.masked_fill(vals == float("-inf"), n)
+    idx = idx.sort(dim=1).values
+    valid = idx < n
+    if block_map is not None:
+        safe = idx.clamp(max=n - 1)
+        idx = block_map.gather(1, (safe // map_bs).long()).long() * map_bs + safe % map_bs
+    out = torch.full((R, k), -1, dtype=torch.int32, device=x.device)
+    out[:, :kk] = torch.where(valid, idx, torch.full_like(idx, -1)).to(torch.int32)
+    return out

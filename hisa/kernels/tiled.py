@@ -1,0 +1,162 @@
+"""Tile-shared HISA for prefill: one block selection per tile of queries, dense tensor-core tiles.
+
+Semantics (implemented plainly in ``reference_tiled.py``): the queries whose positions fall in key block
+``t`` form a tile. For each tile and selection unit (KV-head group, or query head with
+``selection="head"``) the tile's selector is the sum of all its queries over the unit's heads; stage 1
+scores the visible blocks 0..t with selector . pooled key and keeps the ``top_blocks`` best, the sink
+(block 0) and the tile's own block t always kept. Every query of the tile then attends exactly (softmax)
+to every causally visible token of the kept blocks that the mask allows. There is no stage-2 token pruning
+in this path: each query reads ``top_blocks * block_size`` tokens (>= ``top_k``).
+
+Kernel: one program per (tile, chunk of heads of a unit, batch x unit). Its rows are HPP heads x
+block_size queries, so one gathered K/V block feeds a [HPP*bs, D] x [D, bs] tensor-core product; the
+kept blocks other than the own block are fully visible and need no mask; the own block comes last.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .select import topk_select
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _tile_attn(
+    Q, K, V, BLK, O, MASK,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, smb, smq, smk,
+    NSEL, SG, G, NT, t_first, q_start, Lq, Lk, D, top_blocks, qk_scale,
+    BS: tl.constexpr, HPP: tl.constexpr, DP: tl.constexpr, HAS_MASK: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    bu = tl.program_id(2)
+    b = (bu // NSEL).to(tl.int64)
+    u = bu % NSEL
+    kv = (u * SG) // G
+    t_abs = t_first + pid_t
+    BLOCK_M: tl.constexpr = HPP * BS
+    r = tl.arange(0, BLOCK_M)
+    g = pid_c * HPP + r // BS
+    qpos = t_abs * BS + r % BS
+    i = qpos - q_start
+    row_ok = (g < SG) & (i >= 0) & (i < Lq)
+    h = (u * SG + g).to(tl.int64)
+    d = tl.arange(0, DP)
+    dmask = d[None, :] < D
+    q = tl.load(Q + b * sqb + h[:, None] * sqh + i[:, None].to(tl.int64) * sqt + d[None, :],
+                mask=row_ok[:, None] & dmask, other=0.0)
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, DP], tl.float32)
+    kbase = K + b * skb + kv * skh
+    vbase = V + b * svb + kv * svh
+    n = tl.arange(0, BS)
+    row = bu.to(tl.int64) * NT + pid_t
+    nkept = tl.minimum(top_blocks, t_abs + 1)
+    for kb in range(0, nkept - 1):  # blocks before the tile's own block: fully visible, complete
+        blk = tl.load(BLK + row * top_blocks + kb)
+        tok = (blk * BS + n).to(tl.int64)
+        kk = tl.load(kbase + tok[:, None] * skt + d[None, :], mask=dmask, other=0.0)
+        s = tl.dot(q, tl.trans(kk)) * qk_scale
+        if HAS_MASK:
+            mv = tl.load(MASK + b * smb + i[:, None].to(tl.int64) * smq + tok[None, :] * smk,
+                         mask=row_ok[:, None], other=0)
+            s = tl.where(mv != 0, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        vv = tl.load(vbase + tok[:, None] * svt + d[None, :], mask=dmask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv)
+        m_i = m_new
+    # the tile's own block: causal inside, possibly partial at the end of the keys
+    tok = (t_abs * BS + n).to(tl.int64)
+    tok_ok = tok < Lk
+    kk = tl.load(kbase + tok[:, None] * skt + d[None, :], mask=tok_ok[:, None] & dmask, other=0.0)
+    s = tl.dot(q, tl.trans(kk)) * qk_scale
+    vis = (tok[None, :] <= qpos[:, None]) & tok_ok[None, :]
+    if HAS_MASK:
+        mv = tl.load(MASK + b * smb + i[:, None].to(tl.int64) * smq + tok[None, :] * smk,
+                     mask=row_ok[:, None] & vis, other=0)
+        vis = vis & (mv != 0)
+    s = tl.where(vis, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    vv = tl.load(vbase + tok[:, None] * svt + d[None, :], mask=tok_ok[:, None] & dmask, other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv)
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(O + b * sob + h[:, None] * soh + i[:, None].to(tl.int64) * sot + d[None, :],
+             out.to(O.dtype.element_ty), mask=row_ok[:, None] & dmask)
+
+
+# (rows per program, warps, pipeline stages); chosen by bench/attention.py --tune on an H100
+TILE_SETTINGS = {"block_m": 128, "num_warps": 8, "num_stages": 2}
+
+
+def tile_supported(config, D: int) -> bool:
+    bs = config.block_size
+    return bs in (16, 32, 64, 128) and D <= 256
+
+
+def _tile_sums(q, bs: int, q_start: int, SG: int):
+    """[B, NSEL, NT, D] float32: each tile's queries summed over the tile and the unit's heads."""
+    B, Hq, Lq, D = q.shape
+    t_first = q_start // bs
+    t_last = (q_start + Lq - 1) // bs
+    NT = t_last - t_first + 1
+    front = q_start - t_first * bs
+    back = NT * bs - Lq - front
+    qs = q.reshape(B, Hq // SG, SG, Lq, D).sum(2, dtype=torch.float32)
+    if front or back:
+        qs = torch.nn.functional.pad(qs, (0, 0, front, back))
+    return qs.view(B, Hq // SG, NT, bs, D).sum(3)
+
+
+def tile_blocks(q, k, pooled, config, q_start: int):
+    """Stage 1 per tile: [B*NSEL*NT, top_blocks] int32 kept block indices (ascending, -1 padded)."""
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    SG = G if config.selection == "group" else 1
+    NSEL = Hq // SG
+    bs = config.block_size
+    NB = math.ceil(Lk / bs)
+    t_first = q_start // bs
+    sums = _tile_sums(q, bs, q_start, SG)  # [B, NSEL, NT, D]
+    NT = sums.shape[2]
+    pk = pooled[:, :, :NB].float()
+    scores = torch.matmul(sums.view(B, Hkv, (NSEL // Hkv) * NT, D), pk.transpose(-1, -2))
+    scores = scores.view(B * NSEL * NT, NB)
+    return topk_select(scores, config.top_blocks, n=NB, nvis=(t_first * bs, bs, NT, bs)), NT, t_first
+
+
+def hisa_attention_tiled(q, k, v, pooled, config, *, scale, q_start, mask, out, settings=None):
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    SG = G if config.selection == "group" else 1
+    NSEL = Hq // SG
+    bs = config.block_size
+    st = {**TILE_SETTINGS, **(settings or {})}
+    blk, NT, t_first = tile_blocks(q, k, pooled, config, q_start)
+    hpp = max(1, min(triton.next_power_of_2(SG), st["block_m"] // bs))
+    m_arg = mask if mask is not None else blk
+    ms = (mask.stride(0), mask.stride(2), mask.stride(3)) if mask is not None else (0, 0, 0)
+    grid = (NT, triton.cdiv(SG, hpp), B * NSEL)
+    _tile_attn[grid](
+        q, k, v, blk, out, m_arg,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2), *ms,
+        NSEL, SG, G, NT, t_first, q_start, Lq, Lk, D, config.top_blocks, scale * _LOG2E,
+        BS=bs, HPP=hpp, DP=triton.next_power_of_2(D), HAS_MASK=mask is not None,
+        num_warps=st["num_warps"], num_stages=st["num_stages"],
+    )
+    return out

@@ -1,0 +1,260 @@
+"""Triton kernels vs their pure-PyTorch specifications.
+
+GPU tests (marked ``gpu``) are skipped without CUDA + Triton: every kernel is compared with the reference
+of the same semantics on fresh random inputs (ragged lengths, GQA group sizes 1/4/7/8, head dims 64/128,
+bf16/fp16, decode and prefill, masks, both selection modes). The CPU tests check the tiled reference.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hisa import HisaConfig, dense_attention_reference, hisa_attention_reference, pool_keys
+from hisa.kernels.reference_tiled import hisa_attention_tiled_reference
+
+try:
+    from hisa import kernels
+
+    HAVE_KERNELS = kernels.AVAILABLE
+except ImportError:  # pragma: no cover
+    HAVE_KERNELS = False
+
+gpu = pytest.mark.gpu
+needs_gpu = pytest.mark.skipif(not HAVE_KERNELS, reason="needs CUDA and Triton")
+TOL = {torch.bfloat16: 2e-2, torch.float16: 5e-3}
+_seed = [1234]
+
+
+def _fresh(B, Hq, Hkv, Lq, Lk, D, dtype, device="cuda"):
+    _seed[0] += 1
+    g = torch.Generator(device="cpu").manual_seed(_seed[0])
+    q = torch.randn(B, Hq, Lq, D, generator=g).to(device, dtype)
+    k = torch.randn(B, Hkv, Lk, D, generator=g).to(device, dtype)
+    v = torch.randn(B, Hkv, Lk, D, generator=g).to(device, dtype)
+    return q, k, v
+
+
+def _rel(out, ref):
+    assert torch.isfinite(out).all(), "non-finite output"
+    return ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12)).item()
+
+
+SMALL = HisaConfig(block_size=16, top_blocks=8, top_k=64, min_context=0)
+
+
+# ---------------------------------------------------------------------------------------------- CPU
+def test_tiled_reference_is_dense_when_blocks_cover_context():
+    q, k, v = _fresh(2, 8, 2, 45, 100, 16, torch.float32, "cpu")
+    cfg = HisaConfig(block_size=16, top_blocks=8, top_k=64, min_context=0)  # 7 blocks <= 8
+    out = hisa_attention_tiled_reference(q, k, v, pool_keys(k, 16), cfg, query_chunk=7)
+    torch.testing.assert_close(out, dense_attention_reference(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+def test_tiled_reference_suffix_independent_and_sparse():
+    q, k, v = _fresh(1, 4, 2, 160, 160, 16, torch.float32, "cpu")
+    cfg = HisaConfig(block_size=16, top_blocks=3, top_k=32, min_context=0)
+    pooled = pool_keys(k, 16)
+    full, keep = hisa_attention_tiled_reference(q, k, v, pooled, cfg, return_selection=True)
+    tail = hisa_attention_tiled_reference(q[:, :, 64:], k, v, pooled, cfg)  # starts on a block boundary
+    torch.testing.assert_close(full[:, :, 64:], tail, rtol=1e-5, atol=1e-5)
+    # every query keeps at most top_blocks blocks, always the sink and its own block, causally
+    pos = torch.arange(160)
+    assert keep[..., 0].all()
+    assert bool((keep & (torch.arange(160)[None, :] > pos[:, None])).sum() == 0)
+    blocks = keep.view(1, 4, 160, 10, 16).any(-1)
+    assert int(blocks.sum(-1).max()) <= 3
+    assert blocks[0, :, pos, pos // 16].all()
+    # the queries of a tile and the heads of a group share their blocks
+    b = blocks.view(1, 2, 2, 10, 16, 10)
+    assert bool((b == b[:, :, :1, :, :1]).all())
+
+
+def test_reference_tiled_backend_switch(monkeypatch):
+    from hisa import ops
+
+    q, k, v = _fresh(1, 4, 2, 40, 100, 16, torch.float32, "cpu")
+    cfg = HisaConfig(block_size=16, top_blocks=2, top_k=32, min_context=0)
+    pooled = pool_keys(k, 16)
+    monkeypatch.setenv("HISA_BACKEND", "reference_tiled")
+    out = ops.hisa_attention(q, k, v, pooled, cfg)
+    torch.testing.assert_close(out, hisa_attention_tiled_reference(q, k, v, pooled, cfg))
+    one = ops.hisa_attention(q[:, :, -1:], k, v, pooled, cfg)  # decode keeps per-query selection
+    torch.testing.assert_close(one, hisa_attention_reference(q[:, :, -1:], k, v, pooled, cfg))
+    monkeypatch.setenv("HISA_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="HISA_BACKEND"):
+        ops.hisa_attention(q, k, v, pooled, cfg)
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+@gpu
+@needs_gpu
+def test_select_matches_torch_topk():
+    from hisa.kernels.select import _topk_select_torch, topk_select
+
+    for R, n, kk in [(7, 100, 10), (33, 2048, 64), (5, 4096, 2048), (3, 50, 64)]:
+        s = torch.randn(R, n + 3, device="cuda")
+        got = topk_select(s, kk, n=n)
+        want = _topk_select_torch(s[:, :n], kk, None, None, 1)
+        assert torch.equal(got, want), (R, n, kk)
+        nv = (5, 37, 4, 16)
+        assert torch.equal(topk_select(s, kk, n=n, nvis=nv), _topk_select_torch(s[:, :n], kk, nv, None, 1))
+    s = torch.randn(6, 128, device="cuda")
+    s[0] = float("-inf")
+    s[0, 7] = 0.0
+    s[1, ::2] = float("-inf")
+    bmap = torch.randint(0, 40, (6, 8), dtype=torch.int32, device="cuda")
+    got = topk_select(s, 20, block_map=bmap, map_bs=16)
+    assert torch.equal(got, _topk_select_torch(s, 20, None, bmap, 16))
+    assert got[0, 0] == bmap[0, 0] * 16 + 7 and (got[0, 1:] == -1).all()
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("G", [1, 4, 7, 8])
+@pytest.mark.parametrize("Lq", [1, 5])
+def test_exact_path_matches_reference(G, D, dtype, Lq):
+    Hkv = 2
+    q, k, v = _fresh(2, G * Hkv, Hkv, Lq, 1000 + 7 * G + Lq, D, dtype)
+    pooled = pool_keys(k, SMALL.block_size)
+    out = kernels.hisa_attention(q, k, v, pooled, SMALL, path="exact")
+    ref = hisa_attention_reference(q.float(), k.float(), v.float(), pooled, SMALL)
+    assert out.shape == q.shape and out.dtype == dtype
+    assert _rel(out, ref) < TOL[dtype]
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("selection", ["group", "head"])
+def test_exact_path_default_config_decode(selection):
+    cfg = HisaConfig(selection=selection)
+    q, k, v = _fresh(1, 32, 8, 1, 9000 + 13, 64, torch.bfloat16)
+    pooled = pool_keys(k, cfg.block_size)
+    out = kernels.hisa_attention(q, k, v, pooled, cfg)
+    ref = hisa_attention_reference(q.float(), k.float(), v.float(), pooled, cfg)
+    assert _rel(out, ref) < TOL[torch.bfloat16]
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("G", [1, 4, 7, 8])
+def test_tiled_path_matches_tiled_reference(G, D, dtype):
+    Hkv = 2
+    Lk = 700 + 9 * G  # ragged: not a multiple of the block size
+    Lq = Lk if G % 2 else 333  # full prefill, or a chunk starting mid-block
+    q, k, v = _fresh(1, G * Hkv, Hkv, Lq, Lk, D, dtype)
+    pooled = pool_keys(k, SMALL.block_size)
+    out = kernels.hisa_attention(q, k, v, pooled, SMALL, path="tile")
+    ref = hisa_attention_tiled_reference(q.float(), k.float(), v.float(), pooled, SMALL)
+    assert out.shape == q.shape and out.dtype == dtype
+    assert _rel(out, ref) < TOL[dtype]
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("selection", ["group", "head"])
+@pytest.mark.parametrize("bs", [32, 64])
+def test_tiled_path_default_shapes(selection, bs):
+    cfg = HisaConfig(block_size=bs, top_blocks=8, top_k=256, selection=selection)
+    q, k, v = _fresh(2, 8, 2, 1500, 1500 + 37, 64, torch.bfloat16)
+    pooled = pool_keys(k, bs)
+    out = kernels.hisa_attention(q, k, v, pooled, cfg)
+    ref = hisa_attention_tiled_reference(q.float(), k.float(), v.float(), pooled, cfg)
+    assert _rel(out, ref) < TOL[torch.bfloat16]
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("path", ["exact", "tile"])
+def test_padding_mask(path):
+    B, Lq, Lk = 2, 300, 530
+    q, k, v = _fresh(B, 8, 2, Lq, Lk, 64, torch.float16)
+    mask = torch.ones(B, 1, Lq, Lk, dtype=torch.bool, device="cuda")
+    mask[1, :, :, :45] = False  # left padding of the second row
+    mask[1, :, :10] = False  # some queries see nothing at all -> zeros, like the reference
+    pooled = pool_keys(k, SMALL.block_size)
+    out = kernels.hisa_attention(q, k, v, pooled, SMALL, mask=mask, path=path)
+    spec = hisa_attention_reference if path == "exact" else hisa_attention_tiled_reference
+    ref = spec(q.float(), k.float(), v.float(), pooled, SMALL, mask=mask)
+    assert _rel(out, ref) < TOL[torch.float16]
+    assert (out[1, :, :10] == 0).all()
+
+
+@gpu
+@needs_gpu
+def test_dense_equivalence_and_crossover(monkeypatch):
+    from hisa import ops
+
+    q, k, v = _fresh(1, 8, 2, 200, 200, 64, torch.float16)
+    cfg = HisaConfig(block_size=16, top_blocks=16, top_k=256, min_context=0)  # 13 blocks: all kept
+    pooled = pool_keys(k, 16)
+    ref = dense_attention_reference(q, k, v)
+    for path in ("exact", "tile"):
+        assert _rel(kernels.hisa_attention(q, k, v, pooled, cfg, path=path), ref) < 5e-3
+    # below the crossover the dispatch runs SDPA (dense); q_len 3 < Lk exercises the explicit causal mask
+    monkeypatch.setenv("HISA_BACKEND", "triton")
+    assert _rel(ops.hisa_attention(q[:, :, -3:], k, v, pooled, cfg.replace(top_blocks=2, top_k=32)),
+                dense_attention_reference(q[:, :, -3:], k, v)) < 5e-3
+    monkeypatch.setenv("HISA_DENSE_BELOW_DECODE", "0")
+    monkeypatch.setenv("HISA_DENSE_BELOW", "0")
+    small = cfg.replace(top_blocks=2, top_k=32)
+    out = ops.hisa_attention(q[:, :, -3:], k, v, pooled, small)
+    assert _rel(out, hisa_attention_reference(q[:, :, -3:].float(), k.float(), v.float(), pooled, small)) < 5e-3
+
+
+@gpu
+@needs_gpu
+def test_pool_update_matches_cache():
+    from hisa.cache import HisaLayer
+    from hisa.kernels.pool import update_pooled
+
+    layer = HisaLayer(64, max_cache_len=1000)
+    first = torch.randn(2, 4, 100, 64, device="cuda", dtype=torch.bfloat16)
+    layer.update(first, first)
+    ps, pm = layer._psum.clone(), layer._pooled.clone()
+    for t in (1, 1, 70, 200, 1):
+        new = torch.randn(2, 4, t, 64, device="cuda", dtype=torch.bfloat16)
+        start = layer.length
+        layer.update(new, new)
+        update_pooled(ps, pm, new, start, 64)
+        torch.testing.assert_close(ps, layer._psum, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(pm, layer._pooled, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.pooled_keys, pool_keys(layer.keys, 64), rtol=1e-4, atol=1e-4)
+
+
+@gpu
+@needs_gpu
+def test_model_end_to_end_matches_reference(monkeypatch):
+    import transformers
+
+    from hisa import apply_hisa, new_cache
+
+    from .helpers import cache_kw
+
+    cfg_m = transformers.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                                     attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg_m).to("cuda", torch.bfloat16).eval()
+    cfg = HisaConfig(block_size=16, top_blocks=4, top_k=32, min_context=0)
+    apply_hisa(model, cfg)
+    ids = torch.randint(0, 512, (1, 400), device="cuda")
+    monkeypatch.setenv("HISA_DENSE_BELOW", "0")
+    monkeypatch.setenv("HISA_DENSE_BELOW_DECODE", "0")
+    logits = {}
+    for backend in ("triton", "reference_tiled"):
+        monkeypatch.setenv("HISA_BACKEND", backend)
+        with torch.no_grad():
+            cache = new_cache(model)
+            out = model(ids[:, :-1], **cache_kw(model, cache), use_cache=True)
+            step = model(ids[:, -1:], **cache_kw(model, cache), use_cache=True)
+        logits[backend] = (out.logits[0, -50:].float(), step.logits[0, -1].float())
+    for a, b in zip(logits["triton"], logits["reference_tiled"]):
+        assert _rel(a, b) < 3e-2
+    assert math.isfinite(float(logits["triton"][1].sum()))
