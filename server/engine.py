@@ -1,0 +1,690 @@
+"""The generation engine: one worker thread owns the model (torch is not re-entrant) and runs every
+forward pass; HTTP handlers submit requests and read events from an asyncio queue.
+
+Scheduling: requests wait in a bounded FIFO queue and are admitted in arrival order while the KV budget
+allows; admitted sequences advance in round-robin, one step each (a prefill chunk or a decode token), so
+a long prefill never starves the others for more than one chunk. Each sequence owns a ``HisaCache``;
+finished caches go to the prefix cache (:mod:`server.prefix_cache`) for reuse by follow-up prompts.
+
+The seam for a CUDA-graph decode step is :meth:`Engine.decode_step` (one token over one cache); caches
+are created with ``hisa.new_cache(model, max_cache_len=...)`` i.e. preallocated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import inspect
+import itertools
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+import hisa
+from hisa.models import load_model, resolve_model
+
+from .detok import TextStream
+from .errors import APIError
+from .metrics import Metrics
+from .prefix_cache import PrefixCache
+from .sampling import Sample, SamplerState, SamplingParams
+
+log = logging.getLogger("hisa.server")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# configuration and events
+@dataclass
+class EngineConfig:
+    model: str | None = None
+    served_model_name: str | None = None
+    dtype: str = "auto"
+    device: str | None = None
+    max_model_len: int | None = None
+    hisa_block_size: int | None = None
+    hisa_top_blocks: int | None = None
+    hisa_top_k: int | None = None
+    hisa_min_context: int | None = None
+    no_hisa: bool = False
+    max_queue: int = 64
+    max_num_seqs: int = 8
+    prefill_chunk: int | None = None  # None: 2048 on CPU, 8192 on CUDA
+    prefix_cache_tokens: int | None = None  # None: automatic
+    chat_template: str | None = None
+    gpu_memory_utilization: float = 0.90
+
+
+@dataclass
+class Progress:
+    index: int
+    processed: int
+    total: int
+    cached: int
+
+
+@dataclass
+class Delta:
+    index: int
+    text: str
+    token: int | None = None
+    sample: Sample | None = None
+    finish_reason: str | None = None
+
+
+@dataclass
+class Done:
+    usage: dict
+
+
+@dataclass
+class Failed:
+    error: APIError
+
+
+@dataclass
+class Job:
+    prompt_ids: list[int]
+    index: int
+
+
+class GenRequest:
+    """One API request: one or more jobs (prompts x n), run one after the other so that choices of the
+    same prompt reuse its prefilled cache."""
+
+    _ids = itertools.count()
+
+    def __init__(self, jobs: list[Job], params: SamplingParams, loop: asyncio.AbstractEventLoop,
+                 hisa_overrides: dict | None = None, request_id: str | None = None):
+        self.id = request_id or f"req-{next(self._ids)}"
+        self.jobs = collections.deque(jobs)
+        self.params = params
+        self.overrides = hisa_overrides or {}
+        self.loop = loop
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.cancelled = False
+        self.arrival = time.monotonic()
+        self.started: float | None = None
+        self.first_token: float | None = None
+        self.generator = None
+        self.usage = {"prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0, "attended": 0,
+                      "visible": 0, "layers": 0}
+        self._seen_prompts: set = set()
+        self.finished = False
+
+    def emit(self, event) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the event loop is gone (shutdown)
+            pass
+
+
+class Sequence:
+    """The running state of one job."""
+
+    def __init__(self, req: GenRequest, job: Job, engine: "Engine"):
+        self.req = req
+        self.job = job
+        self.prompt = torch.tensor(job.prompt_ids, dtype=torch.long)
+        self.prompt_len = len(job.prompt_ids)
+        self.cache = None
+        self.pos = 0  # prompt tokens already in the cache
+        self.cached = 0  # of which reused from the prefix cache
+        self.generated: list[int] = []
+        self.last: torch.Tensor | None = None  # last sampled token, on the device
+        self.text = TextStream(engine.tokenizer, req.params.stop)
+        self.sampler: SamplerState | None = None
+        self.attended = 0
+        self.visible = 0
+        self.layers = 0
+        self.t_start = time.monotonic()
+        self.t_last: float | None = None
+        self.max_tokens = min(req.params.max_tokens, engine.max_model_len - self.prompt_len)
+
+    @property
+    def reserve(self) -> int:
+        return self.prompt_len + self.max_tokens
+
+
+# ----------------------------------------------------------------------------------------------------------
+class Engine:
+    def __init__(self, config: EngineConfig, metrics: Metrics | None = None):
+        self.config = config
+        self.metrics = metrics
+        self.model = None
+        self.tokenizer = None
+        self.device = None
+        self.dtype = None
+        self.max_model_len = 0
+        self.kv_budget_tokens = 0
+        self.prefill_chunk = 0
+        self.prefix_cache: PrefixCache | None = None
+        self.hisa_config = None
+        self.eos_ids: set[int] = set()
+        self.generation_defaults: dict = {}
+        self.chat_template = None
+        self.model_path = None
+        self.ready = threading.Event()
+        self.load_error: BaseException | None = None
+        self.on_load_failed = None  # callable set by the app (stops the server)
+        self._cv = threading.Condition()
+        self._waiting: collections.deque[GenRequest] = collections.deque()
+        self._active: list[Sequence] = []
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="hisa-engine", daemon=True)
+        self._cache_kw = "past_key_values"
+        self._logits_to_keep = True
+        self.load_seconds = None
+
+    # -- life cycle ------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        with self._cv:
+            self._stop = True
+            for req in self._waiting:
+                req.emit(Failed(APIError("the server is shutting down", status=503)))
+            self._waiting.clear()
+            self._cv.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    @property
+    def loading(self) -> bool:
+        return not self.ready.is_set()
+
+    def _load(self) -> None:
+        cfg = self.config
+        t0 = time.monotonic()
+        where, _ = resolve_model(cfg.model)
+        self.model_path = where
+        device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        log.info("loading model %s (%s) on %s, dtype %s", cfg.model or "embedded default", where, device, cfg.dtype)
+        model, tok = load_model(cfg.model, dtype=None if cfg.dtype == "auto" else cfg.dtype, device=device)
+        changes = {}
+        for name in ("block_size", "top_blocks", "top_k", "min_context"):
+            value = getattr(cfg, f"hisa_{name}")
+            if value is not None:
+                changes[name] = value
+        if "top_k" in changes and "top_blocks" not in changes:
+            bs = changes.get("block_size", hisa.HisaConfig.block_size)
+            changes["top_blocks"] = max(hisa.HisaConfig.top_blocks, -(-changes["top_k"] // bs))
+        if cfg.no_hisa:
+            changes["enabled"] = False
+        hcfg = hisa.HisaConfig().replace(**changes)
+        hisa.apply_hisa(model, hcfg)
+        self.hisa_config = hcfg
+        self.model, self.tokenizer = model, tok
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        params = inspect.signature(type(model).forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._logits_to_keep = "logits_to_keep" in params
+        text_cfg = model.config.get_text_config(decoder=True)
+        self.vocab_size = int(getattr(text_cfg, "vocab_size", None) or len(tok))
+        # end of sequence ids: generation config + tokenizer
+        eos = []
+        gen = getattr(model, "generation_config", None)
+        for source in (getattr(gen, "eos_token_id", None), getattr(text_cfg, "eos_token_id", None), tok.eos_token_id):
+            if source is None:
+                continue
+            eos += list(source) if isinstance(source, (list, tuple)) else [source]
+        self.eos_ids = {int(e) for e in eos}
+        for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
+            value = getattr(gen, name, None) if gen is not None and getattr(gen, "do_sample", True) else None
+            if value is not None and not (name == "top_k" and value == 50 and getattr(gen, "_from_model_config", False)):
+                self.generation_defaults[name] = value
+        # chat template
+        if cfg.chat_template:
+            self.chat_template = _read_template(cfg.chat_template)
+        elif getattr(tok, "chat_template", None):
+            self.chat_template = tok.chat_template
+        self._size_context(text_cfg)
+        self.load_seconds = time.monotonic() - t0
+        n_params = sum(p.numel() for p in model.parameters())
+        log.info("loaded %s: %s, %.0fM parameters, %d layers, on %s, %s, in %.1f s", self.config.served_model_name,
+                 type(model).__name__, n_params / 1e6, text_cfg.num_hidden_layers, self.device,
+                 str(self.dtype).replace("torch.", ""), self.load_seconds)
+        log.info("HISA: %s", "off (--no-hisa: dense attention)" if cfg.no_hisa else hcfg.to_dict())
+        log.info("longest context that fits: %d tokens (max_model_len); KV budget %d tokens for all running "
+                 "requests; prefill chunk %d; prefix cache %d tokens; queue %d, %d running at most",
+                 self.max_model_len, self.kv_budget_tokens, self.prefill_chunk, self.prefix_cache.max_tokens,
+                 cfg.max_queue, cfg.max_num_seqs)
+        if self.metrics:
+            self.metrics.labels(self.metrics.max_model_len).set(self.max_model_len)
+
+    def _size_context(self, text_cfg) -> None:
+        cfg = self.config
+        cuda = self.device.type == "cuda"
+        self.prefill_chunk = cfg.prefill_chunk or (8192 if cuda else 2048)
+        n_layers = text_cfg.num_hidden_layers
+        n_heads = text_cfg.num_attention_heads
+        kv_heads = getattr(text_cfg, "num_key_value_heads", None) or n_heads
+        head_dim = getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // n_heads
+        elem = torch.finfo(self.dtype).bits // 8 if self.dtype.is_floating_point else 2
+        per_token = n_layers * kv_heads * head_dim * 2 * elem
+        per_token += math.ceil(n_layers * kv_heads * head_dim * 2 * 4 / self.hisa_config.block_size)  # pooled
+        self.kv_bytes_per_token = per_token
+        native = getattr(text_cfg, "max_position_embeddings", None) or 8192
+        if cuda:
+            free, total = torch.cuda.mem_get_info(self.device)
+            used_by_others = total - free
+            budget = total * cfg.gpu_memory_utilization - used_by_others
+            hidden = text_cfg.hidden_size
+            inter = getattr(text_cfg, "intermediate_size", 4 * hidden)
+            act = self.prefill_chunk * (8 * hidden + 3 * inter + 4 * n_heads * head_dim) * elem
+            act += self.vocab_size * 4 * 4 + (512 << 20)  # logits, allocator slack
+            fit = int(max(0, budget - act) // per_token)
+            log.info("GPU memory: %.1f GiB total, %.1f GiB free; KV+pooled %.1f KiB/token; activations ~%.2f GiB",
+                     total / 2**30, free / 2**30, per_token / 1024, act / 2**30)
+            self.kv_budget_tokens = fit
+            max_len = min(native, fit)
+        else:
+            max_len = native
+        if cfg.max_model_len:
+            if cfg.max_model_len > native:
+                log.warning("--max-model-len %d is beyond the model's %d positions: quality may drop",
+                            cfg.max_model_len, native)
+            if cuda and cfg.max_model_len > self.kv_budget_tokens:
+                log.warning("--max-model-len %d does not fit in GPU memory: using %d", cfg.max_model_len,
+                            self.kv_budget_tokens)
+                max_len = self.kv_budget_tokens
+            else:
+                max_len = cfg.max_model_len
+        if max_len < 16:
+            raise RuntimeError(f"only {max_len} tokens of context fit in memory: use a smaller model or --dtype")
+        self.max_model_len = int(max_len)
+        if not cuda:
+            self.kv_budget_tokens = self.max_model_len * max(1, cfg.max_num_seqs)
+        pc = cfg.prefix_cache_tokens
+        if pc is None:
+            pc = self.kv_budget_tokens if cuda else 2 * self.max_model_len
+        self.prefix_cache = PrefixCache(min(pc, self.kv_budget_tokens) if cuda else pc)
+
+    # -- tokenization helpers (called from HTTP handlers, in a worker thread) --------------------------
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
+        if not self.chat_template:
+            raise APIError("this model has no chat template: start the server with --chat-template, or use "
+                           "/v1/completions", status=400, param="messages", code="no_chat_template")
+        try:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt,
+                                                      chat_template=self.chat_template, **kwargs)
+        except Exception as e:  # jinja errors (e.g. a template that rejects a role order)
+            raise APIError(f"the chat template could not render these messages: {e}", param="messages",
+                           code="chat_template_error") from e
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    # -- submission (event-loop side) ------------------------------------------------------------------
+    def submit(self, req: GenRequest) -> None:
+        if self.load_error is not None:
+            raise APIError(f"the model failed to load: {self.load_error}", status=500, type="server_error")
+        if self.loading:
+            raise APIError("the model is still loading; retry shortly", status=503, code="model_loading",
+                           headers={"Retry-After": "5"})
+        with self._cv:
+            if self._stop:
+                raise APIError("the server is shutting down", status=503, headers={"Retry-After": "5"})
+            if len(self._waiting) >= self.config.max_queue:
+                if self.metrics:
+                    self.metrics.labels(self.metrics.rejected, reason="queue_full").inc()
+                raise APIError(f"the server is busy: {len(self._waiting)} requests are already waiting "
+                               f"(--max-queue {self.config.max_queue}); retry shortly", status=503,
+                               code="queue_full", headers={"Retry-After": "2"})
+            self._waiting.append(req)
+            self._set_gauges()
+            self._cv.notify_all()
+
+    def abort(self, req: GenRequest) -> None:
+        """Cancel ``req`` (client gone): dropped from the queue now, or stopped by the worker at its next
+        step (between prefill chunks too), which frees its cache."""
+        if req.finished:
+            return
+        req.cancelled = True
+        with self._cv:
+            if req in self._waiting:
+                self._waiting.remove(req)
+                req.finished = True
+                if self.metrics:
+                    self.metrics.labels(self.metrics.aborted, reason="cancelled").inc()
+                self._set_gauges()
+            self._cv.notify_all()
+
+    # -- introspection -------------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        with self._cv:
+            active = list(self._active)
+            waiting = len(self._waiting)
+        live = {"kv": 0, "pooled": 0}
+        for seq in active:
+            if seq.cache is not None:
+                for k, v in seq.cache.nbytes().items():
+                    live[k] += v
+        prefix = self.prefix_cache.nbytes() if self.prefix_cache else {"kv": 0, "pooled": 0}
+        return {
+            "running_sequences": len(active),
+            "running_requests": len({id(s.req) for s in active}),
+            "waiting_requests": waiting,
+            "live_cache_bytes": live,
+            "prefix_cache_bytes": prefix,
+            "prefix_cache_entries": len(self.prefix_cache) if self.prefix_cache else 0,
+            "prefix_cache_tokens": self.prefix_cache.tokens if self.prefix_cache else 0,
+        }
+
+    def _set_gauges(self) -> None:
+        m = self.metrics
+        if not m:
+            return
+        m.labels(m.waiting).set(len(self._waiting))
+        m.labels(m.running).set(len({id(s.req) for s in self._active}))
+
+    def _set_memory_gauges(self) -> None:
+        m = self.metrics
+        if not m:
+            return
+        s = self.stats()
+        m.labels(m.kv_bytes).set(s["live_cache_bytes"]["kv"])
+        m.labels(m.pooled_bytes).set(s["live_cache_bytes"]["pooled"] + s["prefix_cache_bytes"]["pooled"])
+        m.labels(m.prefix_bytes).set(sum(s["prefix_cache_bytes"].values()))
+        m.labels(m.prefix_tokens).set(s["prefix_cache_tokens"])
+
+    # -- the worker thread -------------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            with torch.inference_mode():
+                self._load()
+        except BaseException as e:  # noqa: BLE001 - reported to the app, which stops the server
+            self.load_error = e
+            log.exception("model loading failed")
+            if self.on_load_failed:
+                self.on_load_failed(e)
+            return
+        self.ready.set()
+        with torch.inference_mode():
+            while True:
+                with self._cv:
+                    while not self._stop and not self._waiting and not self._active:
+                        self._cv.wait(1.0)
+                    if self._stop:
+                        break
+                    admitted = self._admit()
+                if admitted:
+                    self._set_memory_gauges()
+                for seq in list(self._active):
+                    self._step_safely(seq)
+        for seq in list(self._active):
+            self._drop(seq)
+
+    def _admit(self) -> bool:
+        """Move waiting requests to running, FIFO, while sequences and the KV budget allow (called with
+        the lock held). A request that fits nowhere still runs when nothing else does."""
+        admitted = False
+        while self._waiting:
+            running = {id(s.req) for s in self._active}
+            if len(running) >= self.config.max_num_seqs:
+                break
+            req = self._waiting[0]
+            job = req.jobs[0]
+            need = len(job.prompt_ids) + req.params.max_tokens
+            reserved = sum(s.reserve for s in self._active)
+            if self._active and reserved + need > self.kv_budget_tokens:
+                break
+            self.prefix_cache.evict_to(max(0, self.kv_budget_tokens - reserved - need))
+            self._waiting.popleft()
+            req.jobs.popleft()
+            req.started = time.monotonic()
+            if self.metrics:
+                self.metrics.labels(self.metrics.queue).observe(req.started - req.arrival)
+            self._active.append(Sequence(req, job, self))
+            admitted = True
+        self._set_gauges()
+        return admitted
+
+    def _step_safely(self, seq: Sequence) -> None:
+        try:
+            self._step(seq)
+        except Exception as e:  # noqa: BLE001 - one request fails, the server keeps serving
+            oom = isinstance(e, torch.OutOfMemoryError)
+            log.exception("request %s failed", seq.req.id)
+            self._drop(seq)
+            if oom and self.device.type == "cuda":
+                self.prefix_cache.clear()
+                torch.cuda.empty_cache()
+            msg = ("out of memory while computing this request; retry with a shorter prompt" if oom
+                   else f"internal error while generating: {type(e).__name__}: {e}")
+            self._end_request(seq.req, error=APIError(msg, status=500, type="server_error",
+                                                      code="out_of_memory" if oom else "internal_error"))
+
+    def _step(self, seq: Sequence) -> None:
+        req = seq.req
+        if req.cancelled:
+            self._drop(seq)
+            self._end_request(req, cancelled=True)
+            return
+        if seq.cache is None:
+            self._begin(seq)
+        if seq.pos < seq.prompt_len:
+            self._prefill_chunk(seq)
+        else:
+            logits = self._tracked(seq, self.decode_step, seq.last, seq.cache)
+            self._accept(seq, logits)
+
+    def _begin(self, seq: Sequence) -> None:
+        """Find a cached prefix (reused K/V and pooled keys) or allocate a fresh preallocated cache."""
+        req = seq.req
+        cache, shared = self.prefix_cache.take(seq.prompt)
+        if cache is not None:
+            keep = min(shared, seq.prompt_len - 1)  # always recompute the last prompt token (for its logits)
+            cache.crop_to(keep)
+            seq.pos = seq.cached = keep
+        else:
+            cache = hisa.new_cache(self.model, max_cache_len=seq.reserve)
+        seq.cache = cache
+        if req.generator is None and not req.params.greedy:
+            req.generator = torch.Generator(device=self.device)
+            if req.params.seed is None:
+                req.generator.seed()
+            else:
+                req.generator.manual_seed(req.params.seed % (1 << 64))
+        seq.sampler = SamplerState(req.params, self.vocab_size, self.device, seq.prompt.tolist(), req.generator)
+        if seq.cached:
+            req.emit(Progress(seq.job.index, seq.pos, seq.prompt_len, seq.cached))
+
+    def _prefill_chunk(self, seq: Sequence) -> None:
+        start = seq.pos
+        end = min(seq.prompt_len, start + self.prefill_chunk)
+        ids = seq.prompt[start:end].to(self.device, non_blocking=True).view(1, -1)
+        logits = self._tracked(seq, self.forward, ids, seq.cache)
+        seq.pos = end
+        seq.req.emit(Progress(seq.job.index, end, seq.prompt_len, seq.cached))
+        if end == seq.prompt_len:
+            if self.metrics:
+                self.metrics.labels(self.metrics.prefill).observe(time.monotonic() - seq.t_start)
+            self._accept(seq, logits)
+
+    # -- model calls -----------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, cache) -> torch.Tensor:
+        """Run ``input_ids`` [1, L] through the model on top of ``cache``; logits of the last position only."""
+        kwargs = {self._cache_kw: cache, "use_cache": True}
+        if self._logits_to_keep:
+            out = self.model(input_ids=input_ids, logits_to_keep=1, **kwargs)
+            return out.logits[0, -1]
+        inner = self.model.get_decoder()
+        hidden = inner(input_ids=input_ids, **kwargs).last_hidden_state
+        return self.model.lm_head(hidden[:, -1:])[0, -1]
+
+    def decode_step(self, token: torch.Tensor, cache) -> torch.Tensor:
+        """One decode step: the last sampled ``token`` (a device tensor of one id) over ``cache``; returns
+        the next-token logits. The place to plug a CUDA-graph captured step in."""
+        return self.forward(token.view(1, 1), cache)
+
+    def _tracked(self, seq: Sequence, fn, *args):
+        overrides = seq.req.overrides
+        with contextlib.ExitStack() as stack:
+            if overrides:
+                stack.enter_context(hisa.override(**overrides))
+            stats = stack.enter_context(hisa.track())
+            out = fn(*args)
+        seq.attended += stats.attended
+        seq.visible += stats.total
+        seq.layers = max(seq.layers, len(stats.layers))
+        return out
+
+    # -- tokens out ------------------------------------------------------------------------------------
+    def _accept(self, seq: Sequence, logits: torch.Tensor) -> None:
+        req = seq.req
+        token_t, sample = seq.sampler.sample(logits)
+        now = time.monotonic()
+        m = self.metrics
+        if m:
+            if seq.t_last is None:
+                if req.first_token is None:
+                    req.first_token = now
+                    m.labels(m.ttft).observe(now - req.arrival)
+            else:
+                m.labels(m.itl).observe(now - seq.t_last)
+        seq.t_last = now
+        tok = sample.token
+        seq.generated.append(tok)
+        seq.last = token_t
+        finish = None
+        if tok in self.eos_ids and not req.params.ignore_eos:
+            text = seq.text.flush()
+            finish = "stop"
+        else:
+            text = seq.text.push(tok)
+            if seq.text.stopped:
+                finish = "stop"
+            elif len(seq.generated) >= seq.max_tokens or seq.prompt_len + len(seq.generated) >= self.max_model_len:
+                text += seq.text.flush()
+                finish = "length"
+        req.emit(Delta(seq.job.index, text, tok, sample, finish))
+        if finish:
+            self._finish_job(seq, finish)
+
+    def _finish_job(self, seq: Sequence, reason: str) -> None:
+        req = seq.req
+        u = req.usage
+        key = tuple(seq.job.prompt_ids)
+        if key not in req._seen_prompts:  # n choices of one prompt count its tokens once, like OpenAI
+            req._seen_prompts.add(key)
+            u["prompt_tokens"] += seq.prompt_len
+            u["cached_tokens"] += seq.cached
+            if self.metrics:
+                self.metrics.labels(self.metrics.prompt_tokens).inc(seq.prompt_len)
+                self.metrics.labels(self.metrics.cached_tokens).inc(seq.cached)
+        u["completion_tokens"] += len(seq.generated)
+        u["attended"] += seq.attended
+        u["visible"] += seq.visible
+        u["layers"] = max(u["layers"], seq.layers)
+        if self.metrics:
+            m = self.metrics
+            m.labels(m.generation_tokens).inc(len(seq.generated))
+            m.labels(m.attended).inc(seq.attended)
+            m.labels(m.visible).inc(seq.visible)
+            m.labels(m.requests, finished_reason=reason).inc()
+        # keep the cache for follow-ups: it holds K/V of prompt + generated tokens except the last one
+        cache = seq.cache
+        seq.cache = None
+        held = cache.get_seq_length()
+        tokens = torch.tensor((seq.job.prompt_ids + seq.generated)[:held], dtype=torch.long)
+        self.prefix_cache.put(tokens, cache)
+        with self._cv:
+            idx = self._active.index(seq)
+            if req.jobs and not req.cancelled:
+                self._active[idx] = Sequence(req, req.jobs.popleft(), self)
+            else:
+                self._active.pop(idx)
+                self._end_request(req)
+            self._set_gauges()
+        self._set_memory_gauges()
+
+    def _drop(self, seq: Sequence) -> None:
+        """Free a sequence's cache (cancellation / failure) and remove it from the running set."""
+        if seq.cache is not None:
+            seq.cache.release()
+            seq.cache = None
+        with self._cv:
+            if seq in self._active:
+                self._active.remove(seq)
+            self._set_gauges()
+        self._set_memory_gauges()
+
+    def _end_request(self, req: GenRequest, cancelled: bool = False, error: APIError | None = None) -> None:
+        if req.finished:
+            return
+        req.finished = True
+        m = self.metrics
+        if cancelled or error:
+            if m:
+                m.labels(m.aborted, reason="cancelled" if cancelled else "error").inc()
+            if error:
+                req.emit(Failed(error))
+            return
+        u = req.usage
+        usage = {
+            "prompt_tokens": u["prompt_tokens"],
+            "completion_tokens": u["completion_tokens"],
+            "total_tokens": u["prompt_tokens"] + u["completion_tokens"],
+            "prompt_tokens_details": {"cached_tokens": u["cached_tokens"]},
+            "hisa": self._hisa_usage(req),
+        }
+        if m:
+            m.labels(m.e2e).observe(time.monotonic() - req.arrival)
+            if u["visible"]:
+                m.labels(m.fraction).set(u["attended"] / u["visible"])
+        req.emit(Done(usage))
+
+    def _hisa_usage(self, req: GenRequest) -> dict:
+        u = req.usage
+        layers = max(1, u["layers"])
+        cfg = self.hisa_config.replace(**req.overrides) if req.overrides else self.hisa_config  # validated
+        return {
+            "enabled": cfg.enabled,
+            "attended_kv_tokens": u["attended"] // layers,
+            "visible_kv_tokens": u["visible"] // layers,
+            "fraction": round(u["attended"] / u["visible"], 6) if u["visible"] else 1.0,
+            "top_k": cfg.top_k,
+            "top_blocks": cfg.top_blocks,
+            "block_size": cfg.block_size,
+        }
+
+
+def resolve_overrides(base, options: dict) -> dict:
+    """Per-request HISA changes, completed so that the budget stays consistent (top_k alone raises
+    top_blocks as needed; top_blocks alone lowers top_k to what the kept blocks hold). Raises ValueError
+    when the combination is invalid."""
+    out = dict(options)
+    bs = base.block_size
+    if "top_k" in out and "top_blocks" not in out:
+        out["top_blocks"] = max(base.top_blocks, -(-out["top_k"] // bs))
+    elif "top_blocks" in out and "top_k" not in out:
+        out["top_k"] = min(base.top_k, out["top_blocks"] * bs)
+    base.replace(**out)  # validates
+    with hisa.override(**out):  # validates the names/values the way the attention layer will
+        pass
+    return out
+
+
+def _read_template(value: str) -> str:
+    from pathlib import Path  # noqa: PLC0415
+
+    path = Path(value).expanduser()
+    try:
+        if path.is_file():
+            return path.read_text()
+    except OSError:
+        pass
+    if "{" not in value:
+        raise FileNotFoundError(f"--chat-template {value!r} is neither a file nor a Jinja template")
+    return value

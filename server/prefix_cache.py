@@ -1,0 +1,108 @@
+"""Prefix reuse: the HisaCaches of finished requests, kept in an LRU keyed by the token ids they hold.
+
+A new prompt takes the entry sharing its longest prefix (the entry leaves the LRU: a cache is owned by
+one sequence at a time), crops it to the shared length and prefills only the rest. Bounded by a token
+budget counted on allocated cache capacity (what the memory really holds)."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Entry:
+    tokens: torch.Tensor  # int64 [L] on the CPU: the tokens whose K/V the cache holds
+    cache: object  # HisaCache
+
+    @property
+    def capacity(self) -> int:
+        layers = getattr(self.cache, "layers", None) or []
+        return max((getattr(layer, "capacity", 0) for layer in layers), default=0) or len(self.tokens)
+
+    def nbytes(self) -> dict:
+        return self.cache.nbytes()
+
+
+def common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
+    m = min(len(a), len(b))
+    if m == 0:
+        return 0
+    diff = (a[:m] != b[:m]).nonzero()
+    return int(diff[0]) if len(diff) else m
+
+
+class PrefixCache:
+    def __init__(self, max_tokens: int, min_match: int = 1):
+        self.max_tokens = max(0, int(max_tokens))
+        self.min_match = max(1, min_match)
+        self._entries: OrderedDict[int, Entry] = OrderedDict()
+        self._next = 0
+        self._lock = threading.Lock()  # the engine thread mutates, /metrics reads
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def tokens(self) -> int:
+        with self._lock:
+            return sum(e.capacity for e in self._entries.values())
+
+    def nbytes(self) -> dict:
+        total = {"kv": 0, "pooled": 0}
+        with self._lock:
+            for e in self._entries.values():
+                for k, v in e.nbytes().items():
+                    total[k] = total.get(k, 0) + v
+        return total
+
+    def take(self, prompt: torch.Tensor) -> tuple[object | None, int]:
+        """Remove and return (cache, shared length) of the entry sharing the longest prefix with
+        ``prompt``; (None, 0) when none shares at least ``min_match`` tokens."""
+        best_key, best_len = None, 0
+        with self._lock:
+            for key, entry in self._entries.items():
+                n = common_prefix(entry.tokens, prompt)
+                if n > best_len:
+                    best_key, best_len = key, n
+            if best_key is None or best_len < self.min_match:
+                self.misses += 1
+                return None, 0
+            entry = self._entries.pop(best_key)
+            self.hits += 1
+        return entry.cache, best_len
+
+    def put(self, tokens: torch.Tensor, cache) -> None:
+        """Keep ``cache`` (holding K/V of ``tokens``); evicts least recently used entries over budget.
+        Entries whose tokens are a prefix of the new one are dropped (the new one serves them too)."""
+        if self.max_tokens <= 0 or len(tokens) == 0:
+            cache.release()
+            return
+        entry = Entry(tokens.detach().to("cpu", torch.long), cache)
+        if entry.capacity > self.max_tokens:
+            cache.release()
+            return
+        with self._lock:
+            for key in [k for k, e in self._entries.items() if common_prefix(e.tokens, entry.tokens) == len(e.tokens)]:
+                self._entries.pop(key).cache.release()
+            self._entries[self._next] = entry
+            self._next += 1
+        self.evict_to(self.max_tokens)
+
+    def evict_to(self, max_tokens: int) -> int:
+        """Evict LRU entries until at most ``max_tokens`` are held; returns tokens freed."""
+        freed = 0
+        with self._lock:
+            while self._entries and sum(e.capacity for e in self._entries.values()) > max_tokens:
+                _, entry = self._entries.popitem(last=False)
+                freed += entry.capacity
+                entry.cache.release()
+        return freed
+
+    def clear(self) -> None:
+        self.evict_to(0)

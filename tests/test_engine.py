@@ -1,0 +1,302 @@
+"""The generation engine in-process (no HTTP): prefix reuse, chunked prefill, cancellation, sampling."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import torch
+
+from server.detok import TextStream
+from server.engine import Delta, Done, Engine, EngineConfig, Failed, GenRequest, Job, Progress
+from server.prefix_cache import PrefixCache, common_prefix
+from server.sampling import SamplerState, SamplingParams
+
+from .server_utils import tiny_model_dir
+
+HISA_SPARSE = dict(hisa_block_size=16, hisa_top_blocks=4, hisa_top_k=32, hisa_min_context=0)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def make_engine(model_dir, **kw) -> Engine:
+    cfg = EngineConfig(model=str(model_dir), served_model_name="tiny", **{**HISA_SPARSE, **kw})
+    engine = Engine(cfg)
+    engine.start()
+    assert engine.ready.wait(120), engine.load_error
+    return engine
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir):
+    e = make_engine(model_dir, prefill_chunk=64, prefix_cache_tokens=100_000)
+    yield e
+    e.shutdown()
+
+
+@pytest.fixture(scope="module")
+def cold_engine(model_dir):
+    e = make_engine(model_dir, prefill_chunk=4096, prefix_cache_tokens=0)
+    yield e
+    e.shutdown()
+
+
+def run(engine: Engine, prompts, params: SamplingParams, overrides=None, on_event=None):
+    """Submit one request, collect its events; returns (tokens per index, Done.usage, events)."""
+
+    async def go():
+        jobs = [Job(list(p), i) for i, p in enumerate(prompts)]
+        req = GenRequest(jobs, params, asyncio.get_running_loop(), overrides)
+        engine.submit(req)
+        tokens = {i: [] for i in range(len(jobs))}
+        events = []
+        while True:
+            ev = await asyncio.wait_for(req.events.get(), 120)
+            events.append(ev)
+            if on_event:
+                on_event(req, ev)
+            if isinstance(ev, Delta):
+                tokens[ev.index].append(ev.token)
+            elif isinstance(ev, Done):
+                return tokens, ev.usage, events
+            elif isinstance(ev, Failed):
+                raise ev.error
+
+    return asyncio.run(go())
+
+
+def prompt(n: int, seed: int = 0) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 40000, (n,), generator=g).tolist()
+
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+
+def test_chunked_prefill_matches_one_shot(engine, cold_engine):
+    p = prompt(300, seed=1)
+    chunked, u1, events = run(engine, [p], GREEDY)
+    whole, u2, _ = run(cold_engine, [p], GREEDY)
+    assert chunked == whole
+    progress = [e for e in events if isinstance(e, Progress)]
+    assert [e.processed for e in progress][-1] == 300 and len(progress) >= 5  # 64-token chunks
+    assert all(e.total == 300 for e in progress)
+    assert u1["completion_tokens"] == 12 and u1["prompt_tokens"] == 300
+
+
+def test_prefix_reuse_same_tokens_as_cold_run(engine, cold_engine):
+    doc = prompt(400, seed=2)
+    q1, q2 = prompt(20, seed=3), prompt(25, seed=4)
+    run(engine, [doc + q1], GREEDY)  # fills the prefix cache with the document
+    warm, usage, _ = run(engine, [doc + q2], GREEDY)
+    cold, cold_usage, _ = run(cold_engine, [doc + q2], GREEDY)
+    assert usage["prompt_tokens_details"]["cached_tokens"] >= 400
+    assert cold_usage["prompt_tokens_details"]["cached_tokens"] == 0
+    assert warm == cold
+    # the exact same prompt again: everything but the last prompt token is reused
+    again, usage, _ = run(engine, [doc + q2], GREEDY)
+    assert again == cold
+    assert usage["prompt_tokens_details"]["cached_tokens"] == len(doc + q2) - 1
+
+
+def test_follow_up_reuses_generated_tokens(engine):
+    p = prompt(100, seed=5)
+    first, _, _ = run(engine, [p], GREEDY)
+    follow = p + first[0] + prompt(10, seed=6)
+    _, usage, _ = run(engine, [follow], GREEDY)
+    # the cache held the prompt and all generated tokens but the last (never fed back)
+    assert usage["prompt_tokens_details"]["cached_tokens"] == 100 + 12 - 1
+
+
+def test_cancel_mid_prefill_frees_cache(model_dir):
+    e = make_engine(model_dir, prefill_chunk=16, prefix_cache_tokens=100_000)
+    try:
+        p = prompt(1500, seed=7)
+        seen = {}
+
+        async def go():
+            req = GenRequest([Job(p, 0)], GREEDY, asyncio.get_running_loop())
+            e.submit(req)
+            ev = await asyncio.wait_for(req.events.get(), 60)
+            assert isinstance(ev, Progress) and ev.processed < ev.total
+            seen["live"] = e.stats()["live_cache_bytes"]["kv"]
+            e.abort(req)
+            deadline = time.monotonic() + 30
+            while e.stats()["running_sequences"] and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            return req
+
+        req = asyncio.run(go())
+        stats = e.stats()
+        assert seen["live"] > 0
+        assert req.cancelled and req.finished
+        assert stats["running_sequences"] == 0
+        assert stats["live_cache_bytes"] == {"kv": 0, "pooled": 0}
+        assert stats["prefix_cache_entries"] == 0  # a cancelled prefill is not kept
+        # and the engine still serves
+        out, usage, _ = run(e, [prompt(50, seed=8)], GREEDY)
+        assert len(out[0]) == 12
+    finally:
+        e.shutdown()
+
+
+def test_hisa_override_and_usage(engine):
+    p = prompt(200, seed=9)
+    _, sparse, _ = run(engine, [p], GREEDY)
+    _, dense, _ = run(engine, [p + [5]], GREEDY, overrides={"enabled": False})
+    assert sparse["hisa"]["fraction"] < 0.5  # top_k 32 of up to 212 visible keys
+    assert sparse["hisa"]["attended_kv_tokens"] < sparse["hisa"]["visible_kv_tokens"]
+    assert dense["hisa"]["fraction"] == 1.0 and dense["hisa"]["enabled"] is False
+
+
+def test_n_choices_and_seed(engine):
+    params = SamplingParams(max_tokens=8, temperature=1.0, seed=123, ignore_eos=True)
+    p = prompt(30, seed=10)
+    a, ua, _ = run(engine, [p, p, p], params)
+    b, _, _ = run(engine, [p, p, p], params)
+    assert a == b  # same seed, same draws
+    assert len({tuple(v) for v in a.values()}) > 1  # the choices differ from each other
+    assert ua["prompt_tokens"] == 30  # the shared prompt counts once
+    assert ua["completion_tokens"] == 24
+
+
+def test_concurrent_requests_unmixed(engine, cold_engine):
+    prompts = [prompt(60 + 7 * i, seed=20 + i) for i in range(4)]
+    expected = [run(cold_engine, [p], GREEDY)[0][0] for p in prompts]
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        reqs = [GenRequest([Job(p, 0)], GREEDY, loop) for p in prompts]
+        for r in reqs:
+            engine.submit(r)
+
+        async def collect(r):
+            toks = []
+            while True:
+                ev = await asyncio.wait_for(r.events.get(), 120)
+                if isinstance(ev, Delta):
+                    toks.append(ev.token)
+                if isinstance(ev, Done):
+                    return toks
+
+        return await asyncio.gather(*(collect(r) for r in reqs))
+
+    got = asyncio.run(go())
+    assert got == expected
+
+
+def test_queue_bound(model_dir):
+    e = make_engine(model_dir, max_queue=1, max_num_seqs=1, prefill_chunk=8)
+    try:
+        from server.errors import APIError
+
+        async def go():
+            loop = asyncio.get_running_loop()
+            long = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+            a = GenRequest([Job(prompt(400), 0)], long, loop)
+            b = GenRequest([Job(prompt(400), 0)], long, loop)
+            c = GenRequest([Job(prompt(400), 0)], long, loop)
+            e.submit(a)
+            await asyncio.sleep(0.2)  # a is admitted, b waits
+            e.submit(b)
+            with pytest.raises(APIError) as err:
+                e.submit(c)
+            assert err.value.status == 503 and err.value.headers.get("Retry-After")
+            e.abort(a)
+            e.abort(b)
+
+        asyncio.run(go())
+    finally:
+        e.shutdown()
+
+
+# -- units -----------------------------------------------------------------------------------------------
+def test_sampler_greedy_topk_and_penalties():
+    logits = torch.tensor([1.0, 3.0, 2.0, 0.5])
+    s = SamplerState(SamplingParams(temperature=0.0), 4, "cpu")
+    tok, sample = s.sample(logits)
+    assert sample.token == 1
+    s = SamplerState(SamplingParams(temperature=1.0, top_k=1, seed=0), 4, "cpu")
+    assert s.sample(logits)[1].token == 1
+    # frequency penalty pushes away from the repeated token
+    s = SamplerState(SamplingParams(temperature=0.0, frequency_penalty=2.0), 4, "cpu")
+    assert [s.sample(logits)[1].token for _ in range(3)] == [1, 2, 0]  # 3-2=1 ties with 1: first wins
+    s = SamplerState(SamplingParams(temperature=0.0, repetition_penalty=10.0), 4, "cpu", prompt_ids=[1])
+    assert s.sample(logits)[1].token == 2
+    s = SamplerState(SamplingParams(temperature=0.0, logit_bias={3: 100.0}), 4, "cpu")
+    assert s.sample(logits)[1].token == 3
+
+
+def test_sampler_top_p_min_p_and_seed():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    s = SamplerState(SamplingParams(temperature=1.0, top_p=0.6, seed=1), 4, "cpu")
+    assert {s.sample(logits)[1].token for _ in range(200)} == {0, 1}
+    s = SamplerState(SamplingParams(temperature=1.0, min_p=0.5, seed=1), 4, "cpu")
+    assert {s.sample(logits)[1].token for _ in range(200)} == {0, 1}
+    draws = []
+    for _ in range(2):
+        s = SamplerState(SamplingParams(temperature=1.0, seed=42), 4, "cpu")
+        draws.append([s.sample(logits)[1].token for _ in range(50)])
+    assert draws[0] == draws[1] and len(set(draws[0])) > 2
+
+
+def test_sampler_logprobs():
+    logits = torch.tensor([1.0, 3.0, 2.0, 0.5])
+    s = SamplerState(SamplingParams(temperature=0.0, logprobs=True, top_logprobs=2), 4, "cpu")
+    _, sample = s.sample(logits)
+    lsm = torch.log_softmax(logits, -1)
+    assert sample.logprob == pytest.approx(lsm[1].item())
+    assert [t for t, _ in sample.top] == [1, 2]
+    assert sample.top[1][1] == pytest.approx(lsm[2].item())
+
+
+class _CharTok:
+    """A tokenizer whose ids are characters (enough for TextStream)."""
+
+    def decode(self, ids, skip_special_tokens=True, clean_up_tokenization_spaces=False):
+        return "".join(chr(i) for i in ids)
+
+
+def test_text_stream_stop_strings_hold_back():
+    ts = TextStream(_CharTok(), stop=["END"])
+    out = "".join(ts.push(ord(c)) for c in "abcEN")
+    assert out == "abc"  # "EN" is held back: it may start "END"
+    out += ts.push(ord("x"))
+    assert out == "abcENx" and not ts.stopped
+    out += "".join(ts.push(ord(c)) for c in "yEND tail")
+    assert out == "abcENxy" and ts.stopped
+
+
+def test_text_stream_flush():
+    ts = TextStream(_CharTok(), stop=["##"])
+    out = "".join(ts.push(ord(c)) for c in "ab#")
+    assert out == "ab"
+    assert ts.flush() == "#"
+
+
+def test_prefix_cache_lru_and_prefix_match():
+    class FakeCache:
+        def __init__(self, n):
+            self.layers = [type("L", (), {"capacity": n})()]
+            self.released = False
+
+        def release(self):
+            self.released = True
+
+        def nbytes(self):
+            return {"kv": 0, "pooled": 0}
+
+    pc = PrefixCache(max_tokens=250)
+    a, b, c = FakeCache(100), FakeCache(100), FakeCache(100)
+    pc.put(torch.arange(100), a)
+    pc.put(torch.arange(1000, 1100), b)
+    pc.put(torch.arange(2000, 2100), c)  # over budget: a (least recently used) goes
+    assert a.released and len(pc) == 2
+    got, n = pc.take(torch.cat([torch.arange(1000, 1050), torch.tensor([7])]))
+    assert got is b and n == 50 and len(pc) == 1
+    assert pc.take(torch.tensor([5, 6]))[0] is None
+    assert common_prefix(torch.tensor([1, 2, 3]), torch.tensor([1, 2, 4, 5])) == 2
