@@ -1,0 +1,119 @@
+"""End to end: a Llama-3.2-1B-shaped model (random weights), HISA vs stock transformers SDPA, one run.
+
+    python bench/e2e.py                          # contexts 8k,32k,64k,128k
+    python bench/e2e.py --contexts 8k,32k --steps 16 --json e2e.json
+
+Measures time to first token (prefill forward of the whole prompt + first token), decode ms/token
+(median over ``--steps`` single-token steps after 2 warm-up steps) and peak GPU memory, for dense
+(``attn_implementation="sdpa"``, DynamicCache) then for the same weights patched with ``apply_hisa``
+(HisaCache preallocated to the needed length). Random weights: this measures speed, not quality.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hisa import HisaConfig, apply_hisa, new_cache  # noqa: E402
+from hisa.patch import _cache_kwarg  # noqa: E402
+
+
+def _parse_ctx(s):
+    return [int(float(t[:-1]) * 1024) if t.lower().endswith("k") else int(t) for t in s.split(",")]
+
+
+def build_model(max_len: int):
+    import transformers
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=64, rope_theta=500000.0,
+        max_position_embeddings=max(131072, max_len), tie_word_embeddings=True, attn_implementation="sdpa",
+    )
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    return model
+
+
+def _sync_time():
+    torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+@torch.no_grad()
+def run_one(model, ids, cache, steps):
+    kw = {_cache_kwarg(model): cache}
+    torch.cuda.reset_peak_memory_stats()
+    t0 = _sync_time()
+    out = model(ids, use_cache=True, logits_to_keep=1, **kw)
+    nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+    t1 = _sync_time()
+    ttft = t1 - t0
+    times = []
+    for i in range(steps + 2):
+        a = _sync_time()
+        out = model(nxt, use_cache=True, logits_to_keep=1, **kw)
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        b = _sync_time()
+        if i >= 2:
+            times.append(b - a)
+    times.sort()
+    return {"ttft_s": ttft, "decode_ms": 1000 * times[len(times) // 2],
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--contexts", default="8k,32k,64k,128k")
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--top-blocks", type=int, default=None)
+    ap.add_argument("--top-k", type=int, default=None)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    from transformers import DynamicCache
+
+    ctxs = _parse_ctx(args.contexts)
+    model = build_model(max(ctxs) + args.steps + 8)
+    hcfg = HisaConfig()
+    if args.top_blocks or args.top_k:
+        hcfg = hcfg.replace(top_blocks=args.top_blocks or hcfg.top_blocks, top_k=args.top_k or hcfg.top_k)
+    dev = torch.cuda.get_device_name()
+    print(f"# {dev}, torch {torch.__version__}, HISA config {hcfg.to_dict()}", flush=True)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    prompts = {L: torch.randint(0, 128256, (1, L), generator=g).cuda() for L in ctxs}
+    warm = torch.randint(0, 128256, (1, 20000), generator=g).cuda()
+    results = {}
+    for mode in ("dense", "hisa"):
+        if mode == "hisa":
+            apply_hisa(model, hcfg)
+        mk = (lambda L: DynamicCache()) if mode == "dense" else (lambda L: new_cache(model, L + args.steps + 8))
+        run_one(model, warm, mk(warm.shape[1]), 2)  # compile / autotune / allocator warm-up
+        for L in ctxs:
+            r = run_one(model, prompts[L], mk(L), args.steps)
+            results.setdefault(L, {})[mode] = r
+            print(json.dumps({"mode": mode, "L": L, **r}), flush=True)
+            torch.cuda.empty_cache()
+    print(f"\n## {dev} — Llama-3.2-1B shape, random weights, bf16, batch 1; HISA top_blocks={hcfg.top_blocks} "
+          f"top_k={hcfg.top_k}")
+    print("| ctx | dense TTFT s | HISA TTFT s | ratio | dense ms/tok | HISA ms/tok | ratio | dense peak GiB | HISA peak GiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for L, r in results.items():
+        d, h = r["dense"], r["hisa"]
+        print(f"| {L // 1024}k | {d['ttft_s']:.3f} | {h['ttft_s']:.3f} | {h['ttft_s'] / d['ttft_s']:.2f} | "
+              f"{d['decode_ms']:.2f} | {h['decode_ms']:.2f} | {h['decode_ms'] / d['decode_ms']:.2f} | "
+              f"{d['peak_gib']:.1f} | {h['peak_gib']:.1f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": dev, "config": hcfg.to_dict(),
+                                               "results": {str(k): v for k, v in results.items()}}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
