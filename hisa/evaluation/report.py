@@ -48,7 +48,8 @@ def write_heatmap(path: Path, trials: list[dict], lengths: list[int], depths: li
     import matplotlib.pyplot as plt  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
 
-    fig, axes = plt.subplots(1, 2, figsize=(4 + 1.3 * len(lengths) * 2, 1.5 + 0.45 * len(depths)), squeeze=False)
+    fig, axes = plt.subplots(1, 2, figsize=(3 + 2.4 * max(2, len(lengths)), 2.2 + 0.42 * len(depths)), squeeze=False,
+                             sharey=True, constrained_layout=True)
     im = None
     for ax, key, name in zip(axes[0], ("dense_correct", "hisa_correct"), ("dense", "HISA")):
         grid = np.array([[np.nan if v is None else v for v in row] for row in needle_grid(trials, lengths, depths, key)])
@@ -56,7 +57,8 @@ def write_heatmap(path: Path, trials: list[dict], lengths: list[int], depths: li
         ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
         ax.set_yticks(range(len(depths)), [f"{100 * d:.0f}%" for d in depths])
         ax.set_xlabel("haystack length (tokens)")
-        ax.set_ylabel("needle depth")
+        if key == "dense_correct":
+            ax.set_ylabel("needle depth")
         ax.set_title(f"{name}: {np.nanmean(grid) * 100:.0f}% found" if np.isfinite(grid).any() else name)
         for i in range(grid.shape[0]):
             for j in range(grid.shape[1]):
@@ -124,6 +126,12 @@ def write_report(out: Path, results: dict) -> dict:
         for r in needle["rows"]:
             lines.append(f"| {r['length']} | {r['trials']} | {_pct(r['dense_accuracy'])} | "
                          f"{_pct(r['hisa_accuracy'])} | {r['delta_points']:+.1f} |")
+        exact = [r["length"] for r in needle["rows"] if r["prompt_tokens_max"] <= cfg["top_k"]
+                 or r["prompt_tokens_max"] < cfg["min_context"]]
+        if exact:
+            lines += ["", f"At length(s) {', '.join(map(str, exact))} the prompt fits in top_k = {cfg['top_k']} keys "
+                      "(or is below min_context), so the HISA prefill is exactly dense there; only the answer's "
+                      "decode steps past top_k can differ."]
         lines += ["", "Per cell (dense / HISA accuracy):", ""]
         lines.append("| depth | " + " | ".join(str(n) for n in lengths) + " |")
         lines.append("|---:|" + "---:|" * len(lengths))
