@@ -19,6 +19,7 @@ import inspect
 import itertools
 import logging
 import math
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -201,6 +202,9 @@ class Engine:
     def _load(self) -> None:
         cfg = self.config
         t0 = time.monotonic()
+        delay = float(os.environ.get("HISA_DEBUG_LOAD_DELAY") or 0)  # tests: observe the loading state
+        if delay > 0:
+            time.sleep(delay)
         where, _ = resolve_model(cfg.model)
         self.model_path = where
         device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
