@@ -20,7 +20,7 @@ HISA_SPARSE = dict(hisa_block_size=16, hisa_top_blocks=4, hisa_top_k=32, hisa_mi
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return tiny_model_dir(tmp_path_factory.getbasetemp() / "tiny-llama")
+    return tiny_model_dir(tmp_path_factory.getbasetemp() / "server-tiny-llama")
 
 
 def make_engine(model_dir, **kw) -> Engine:

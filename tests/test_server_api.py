@@ -20,7 +20,7 @@ MAX_LEN = 1024
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     d = tmp_path_factory.mktemp("api")
-    model = tiny_model_dir(tmp_path_factory.getbasetemp() / "tiny-llama")
+    model = tiny_model_dir(tmp_path_factory.getbasetemp() / "server-tiny-llama")
     proc = ServerProcess(["--model", str(model), "--served-model-name", MODEL, "alias", "--api-key", KEY,
                           "--max-model-len", str(MAX_LEN), "--hisa-block-size", "16", "--hisa-top-blocks", "4",
                           "--hisa-top-k", "32", "--hisa-min-context", "0", "--prefill-chunk", "64"],

@@ -18,7 +18,7 @@ MAX_BODY = 20_000
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     d = tmp_path_factory.mktemp("errors")
-    model = tiny_model_dir(tmp_path_factory.getbasetemp() / "tiny-llama")
+    model = tiny_model_dir(tmp_path_factory.getbasetemp() / "server-tiny-llama")
     proc = ServerProcess(["--model", str(model), "--served-model-name", MODEL, "--max-model-len", str(MAX_LEN),
                           "--max-body-bytes", str(MAX_BODY)], d / "server.log", env={"HISA_API_KEY": KEY})
     yield proc
