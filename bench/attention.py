@@ -188,6 +188,29 @@ def decode_case(L, D, cfg, dtype, results, nsets=4):
     row["speedup_vs_flash"] = fl / row["hisa_ms"] if fl else None
     flg = row.get("flash_graph_ms")
     row["graph_speedup_vs_flash"] = flg / row["hisa_graph_ms"] if flg else None
+    # variants of the selection kernels (fused scoring+select, radix vs bisection select)
+    from hisa.kernels import exact, select
+
+    row["variants"] = {}
+    for fused, radix in ((True, True), (False, True), (True, False)):
+        exact.FUSED, exact.RADIX_SELECT, select.RADIX_SELECT = fused, radix, radix
+        h(*sets[0])
+        row["variants"][f"fused={fused},radix={radix}"] = {
+            "eager_ms": bench(rot(h)), "graph_ms": graph_time([lambda s=s: h(*s) for s in sets])}
+    exact.FUSED, exact.RADIX_SELECT, select.RADIX_SELECT = True, True, True
+    # host cost of issuing one call (what an eager decode step pays per layer)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for i in range(200):
+        h(*sets[i % nsets])
+    row["hisa_host_us"] = (time.perf_counter() - t0) / 200 * 1e6
+    torch.cuda.synchronize()
+    f = lambda q, k, v, p: sdpa(q, k, v, SDPBackend.FLASH_ATTENTION, False)  # noqa: E731
+    t0 = time.perf_counter()
+    for i in range(200):
+        f(*sets[i % nsets])
+    row["flash_host_us"] = (time.perf_counter() - t0) / 200 * 1e6
+    torch.cuda.synchronize()
     q, k, v, p = sets[0]
     out = h(q, k, v, p)
     ref = hisa_attention_reference(q.float(), k.float(), v.float(), p, cfg)

@@ -29,7 +29,7 @@ BACKENDS = ("auto", "reference", "reference_tiled", "triton")
 
 # Key lengths below which dense SDPA beats the kernels, measured with bench/attention.py on an H100
 # (docs/benchmarks.md). Prefill = more than EXACT_MAX_QUERIES queries in the call, decode = fewer.
-DENSE_BELOW_PREFILL = 16384
+DENSE_BELOW_PREFILL = 12288
 DENSE_BELOW_DECODE = 8192
 
 

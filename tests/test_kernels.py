@@ -94,13 +94,15 @@ def test_reference_tiled_backend_switch(monkeypatch):
 def test_select_matches_torch_topk():
     from hisa.kernels.select import _topk_select_torch, topk_select
 
-    for R, n, kk in [(7, 100, 10), (33, 2048, 64), (5, 4096, 2048), (3, 50, 64)]:
+    for R, n, kk in [(7, 100, 10), (33, 2048, 64), (5, 4096, 2048), (3, 50, 64), (2, 16384, 100)]:
         s = torch.randn(R, n + 3, device="cuda")
-        got = topk_select(s, kk, n=n)
+        s[0, ::3] = float("-inf")
         want = _topk_select_torch(s[:, :n], kk, None, None, 1)
-        assert torch.equal(got, want), (R, n, kk)
         nv = (5, 37, 4, 16)
-        assert torch.equal(topk_select(s, kk, n=n, nvis=nv), _topk_select_torch(s[:, :n], kk, nv, None, 1))
+        want_nv = _topk_select_torch(s[:, :n], kk, nv, None, 1)
+        for radix in (True, False):
+            assert torch.equal(topk_select(s, kk, n=n, radix=radix), want), (R, n, kk, radix)
+            assert torch.equal(topk_select(s, kk, n=n, nvis=nv, radix=radix), want_nv), (R, n, kk, radix)
     s = torch.randn(6, 128, device="cuda")
     s[0] = float("-inf")
     s[0, 7] = 0.0
@@ -129,8 +131,14 @@ def test_exact_path_matches_reference(G, D, dtype, Lq):
 
 @gpu
 @needs_gpu
+@pytest.mark.parametrize("fused,radix", [(True, True), (False, True), (True, False), (False, False)])
 @pytest.mark.parametrize("selection", ["group", "head"])
-def test_exact_path_default_config_decode(selection):
+def test_exact_path_default_config_decode(selection, fused, radix, monkeypatch):
+    from hisa.kernels import exact, select
+
+    monkeypatch.setattr(exact, "FUSED", fused)
+    monkeypatch.setattr(exact, "RADIX_SELECT", radix)
+    monkeypatch.setattr(select, "RADIX_SELECT", radix)
     cfg = HisaConfig(selection=selection)
     q, k, v = _fresh(1, 32, 8, 1, 9000 + 13, 64, torch.bfloat16)
     pooled = pool_keys(k, cfg.block_size)
@@ -210,22 +218,22 @@ def test_dense_equivalence_and_crossover(monkeypatch):
 
 @gpu
 @needs_gpu
-def test_pool_update_matches_cache():
+def test_pool_update_matches_cache(monkeypatch):
+    from hisa import cache as cache_mod
     from hisa.cache import HisaLayer
-    from hisa.kernels.pool import update_pooled
 
-    layer = HisaLayer(64, max_cache_len=1000)
-    first = torch.randn(2, 4, 100, 64, device="cuda", dtype=torch.bfloat16)
-    layer.update(first, first)
-    ps, pm = layer._psum.clone(), layer._pooled.clone()
-    for t in (1, 1, 70, 200, 1):
+    fast = HisaLayer(64, max_cache_len=1000)  # on CUDA the cache uses the Triton kernel
+    monkeypatch.setattr(cache_mod, "_POOL_KERNEL", [None])
+    slow = HisaLayer(64, max_cache_len=1000)  # PyTorch path
+    for t in (100, 1, 1, 70, 200, 1, 63):
         new = torch.randn(2, 4, t, 64, device="cuda", dtype=torch.bfloat16)
-        start = layer.length
-        layer.update(new, new)
-        update_pooled(ps, pm, new, start, 64)
-        torch.testing.assert_close(ps, layer._psum, rtol=1e-5, atol=1e-4)
-        torch.testing.assert_close(pm, layer._pooled, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(layer.pooled_keys, pool_keys(layer.keys, 64), rtol=1e-4, atol=1e-4)
+        monkeypatch.setattr(cache_mod, "_POOL_KERNEL", [None])
+        slow.update(new, new)
+        monkeypatch.undo()
+        fast.update(new, new)
+        torch.testing.assert_close(fast._psum, slow._psum, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(fast.pooled_keys, slow.pooled_keys, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast.pooled_keys, pool_keys(fast.keys, 64), rtol=1e-4, atol=1e-4)
 
 
 @gpu

@@ -26,7 +26,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .select import topk_select
+from .select import RADIX_SELECT, _select_core, topk_select
+
+FUSED = True  # stage scoring fused with its top-k selection (one program per row); False: separate kernels
+FUSED_MAX_WIDTH = 4096
 
 _LOG2E = 1.4426950408889634
 
@@ -93,6 +96,81 @@ def _token_scores(
     s = tl.sum(kk * qs[None, :], 1) * scale
     s = tl.where(ok, s, float("-inf"))
     tl.store(S + row.to(tl.int64) * ss + slot * bs + within, s, mask=in_range)
+
+
+@triton.jit
+def _stage1_select(
+    Q, P, BLK, sqb, sqh, sqt, spb, sph, spn,
+    NSEL, Lq, SG, G, D, q_start, bs, TB,
+    SGP: tl.constexpr, DP: tl.constexpr, DC: tl.constexpr, BLOCK: tl.constexpr, KP: tl.constexpr,
+    RADIX: tl.constexpr,
+):
+    """Stage 1 for one row: score its visible blocks and keep the top TB (sink + own block forced)."""
+    row = tl.program_id(0)
+    i = row % Lq
+    bu = row // Lq
+    b = (bu // NSEL).to(tl.int64)
+    u = bu % NSEL
+    kv = (u * SG) // G
+    pos = q_start + i
+    nvis = pos // bs + 1
+    offs = tl.arange(0, BLOCK)
+    nmask = offs < nvis
+    g = tl.arange(0, SGP)
+    h = (u * SG + g).to(tl.int64)
+    x = tl.zeros([BLOCK], tl.float32)
+    for d0 in tl.static_range(0, DP, DC):
+        dd = d0 + tl.arange(0, DC)
+        qc = tl.load(Q + b * sqb + h[:, None] * sqh + i * sqt + dd[None, :],
+                     mask=(g[:, None] < SG) & (dd[None, :] < D), other=0.0).to(tl.float32)
+        qs = tl.sum(qc, 0)
+        pc = tl.load(P + b * spb + kv * sph + offs[:, None] * spn + dd[None, :],
+                     mask=nmask[:, None] & (dd[None, :] < D), other=0.0)
+        x += tl.sum(pc * qs[None, :], 1)
+    x = tl.where(nmask, x, float("-inf"))
+    x = tl.where((offs == 0) | (offs == nvis - 1), float("inf"), x)
+    _select_core(x, offs, TB, BLK + row.to(tl.int64) * TB, offs, BLOCK, KP, RADIX)
+
+
+@triton.jit
+def _stage2_select(
+    Q, K, BLK, IDX, MASK, sqb, sqh, sqt, skb, skh, skt, smb, smq, smk,
+    NSEL, Lq, SG, G, D, q_start, Lk, bs, TB, TK, scale,
+    SGP: tl.constexpr, DP: tl.constexpr, DC: tl.constexpr, BSP: tl.constexpr, BLOCK: tl.constexpr,
+    KP: tl.constexpr, HAS_MASK: tl.constexpr, RADIX: tl.constexpr,
+):
+    """Stage 2 for one row: score every token of its kept blocks, keep the top TK token indices."""
+    row = tl.program_id(0)
+    i = row % Lq
+    bu = row // Lq
+    b = (bu // NSEL).to(tl.int64)
+    u = bu % NSEL
+    kv = (u * SG) // G
+    pos = q_start + i
+    j = tl.arange(0, BLOCK)
+    slot = j // BSP
+    within = j % BSP
+    in_range = (slot < TB) & (within < bs)
+    blk = tl.load(BLK + row.to(tl.int64) * TB + slot, mask=in_range, other=-1)
+    tok = blk * bs + within
+    ok = in_range & (blk >= 0) & (tok <= pos) & (tok < Lk)
+    if HAS_MASK:
+        mval = tl.load(MASK + b * smb + i * smq + tok.to(tl.int64) * smk, mask=ok, other=0)
+        ok = ok & (mval != 0)
+    g = tl.arange(0, SGP)
+    h = (u * SG + g).to(tl.int64)
+    toff = tok.to(tl.int64)
+    x = tl.zeros([BLOCK], tl.float32)
+    for d0 in tl.static_range(0, DP, DC):
+        dd = d0 + tl.arange(0, DC)
+        qc = tl.load(Q + b * sqb + h[:, None] * sqh + i * sqt + dd[None, :],
+                     mask=(g[:, None] < SG) & (dd[None, :] < D), other=0.0).to(tl.float32)
+        qs = tl.sum(qc, 0)
+        kc = tl.load(K + b * skb + kv * skh + toff[:, None] * skt + dd[None, :],
+                     mask=ok[:, None] & (dd[None, :] < D), other=0.0).to(tl.float32)
+        x += tl.sum(kc * qs[None, :], 1)
+    x = tl.where(ok, x * scale, float("-inf"))
+    _select_core(x, j, TK, IDX + row.to(tl.int64) * TK, tok, BLOCK, KP, RADIX)
 
 
 @triton.jit
@@ -178,8 +256,20 @@ def _combine(
              mask=(g[:, None] < SG) & (d[None, :] < D))
 
 
+_SM = {}
+
+
 def _sm_count(device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+    if device.type != "cuda":
+        return 8
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM:
+        _SM[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM[idx]
+
+
+def _warps(block: int) -> int:
+    return 4 if block <= 1024 else 8 if block <= 2048 else 16
 
 
 def hisa_attention_exact(q, k, v, pooled, config, *, scale, q_start, mask, out, max_rows: int = 1 << 14):
@@ -209,27 +299,47 @@ def hisa_attention_exact(q, k, v, pooled, config, *, scale, q_start, mask, out, 
         ov = out[:, :, c0:c1]
         qs0 = q_start + c0
         mv = mask[:, :, c0:c1] if mask is not None else None
-        # stage 1
-        s1 = torch.empty(R, NB, dtype=torch.float32, device=dev)
-        BLOCK_B = 128
-        _block_scores[(R, triton.cdiv(NB, BLOCK_B))](
-            qv, pooled, s1, qv.stride(0), qv.stride(1), qv.stride(2),
-            pooled.stride(0), pooled.stride(1), pooled.stride(2), s1.stride(0),
-            NSEL, n, SG, G, NB, D, SGP=SGP, DP=DP, BLOCK_B=BLOCK_B, num_warps=4,
-        )
-        blk = topk_select(s1, TB, n=NB, nvis=(qs0, 1, n, bs))
-        # stage 2
-        s2 = torch.empty(R, W2, dtype=torch.float32, device=dev)
-        m_arg = mv if mv is not None else s2
         ms = (mv.stride(0), mv.stride(2), mv.stride(3)) if mv is not None else (0, 0, 0)
-        _token_scores[(R, triton.cdiv(TB, BPP))](
-            qv, k, blk, s2, m_arg,
-            qv.stride(0), qv.stride(1), qv.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            blk.stride(0), s2.stride(0), *ms,
-            NSEL, n, SG, G, D, bs, TB, qs0, Lk, scale,
-            SGP=SGP, DP=DP, BSP=BSP, BPP=BPP, HAS_MASK=mv is not None, num_warps=4,
-        )
-        idx = topk_select(s2, TK, n=W2, block_map=blk, map_bs=bs)
+        B1 = max(16, triton.next_power_of_2(NB))
+        B2 = max(16, triton.next_power_of_2(TB * BSP))
+        if FUSED and B1 <= FUSED_MAX_WIDTH and B2 <= FUSED_MAX_WIDTH:
+            blk = torch.empty(R, TB, dtype=torch.int32, device=dev)
+            _stage1_select[(R,)](
+                qv, pooled, blk, qv.stride(0), qv.stride(1), qv.stride(2),
+                pooled.stride(0), pooled.stride(1), pooled.stride(2),
+                NSEL, n, SG, G, D, qs0, bs, TB,
+                SGP=SGP, DP=DP, DC=8 if B1 > 1024 else 16, BLOCK=B1, KP=max(16, triton.next_power_of_2(TB)),
+                RADIX=RADIX_SELECT, num_warps=_warps(B1),
+            )
+            idx = torch.empty(R, TK, dtype=torch.int32, device=dev)
+            _stage2_select[(R,)](
+                qv, k, blk, idx, mv if mv is not None else blk,
+                qv.stride(0), qv.stride(1), qv.stride(2), k.stride(0), k.stride(1), k.stride(2), *ms,
+                NSEL, n, SG, G, D, qs0, Lk, bs, TB, TK, scale,
+                SGP=SGP, DP=DP, DC=8 if B2 > 1024 else 16, BSP=BSP, BLOCK=B2,
+                KP=max(16, triton.next_power_of_2(TK)), HAS_MASK=mv is not None, RADIX=RADIX_SELECT,
+                num_warps=_warps(B2),
+            )
+        else:
+            # stage 1
+            s1 = torch.empty(R, NB, dtype=torch.float32, device=dev)
+            BLOCK_B = 128
+            _block_scores[(R, triton.cdiv(NB, BLOCK_B))](
+                qv, pooled, s1, qv.stride(0), qv.stride(1), qv.stride(2),
+                pooled.stride(0), pooled.stride(1), pooled.stride(2), s1.stride(0),
+                NSEL, n, SG, G, NB, D, SGP=SGP, DP=DP, BLOCK_B=BLOCK_B, num_warps=4,
+            )
+            blk = topk_select(s1, TB, n=NB, nvis=(qs0, 1, n, bs))
+            # stage 2
+            s2 = torch.empty(R, W2, dtype=torch.float32, device=dev)
+            _token_scores[(R, triton.cdiv(TB, BPP))](
+                qv, k, blk, s2, mv if mv is not None else s2,
+                qv.stride(0), qv.stride(1), qv.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                blk.stride(0), s2.stride(0), *ms,
+                NSEL, n, SG, G, D, bs, TB, qs0, Lk, scale,
+                SGP=SGP, DP=DP, BSP=BSP, BPP=BPP, HAS_MASK=mv is not None, num_warps=4,
+            )
+            idx = topk_select(s2, TK, n=W2, block_map=blk, map_bs=bs)
         # attention over the kept tokens
         BLOCK_T = 64
         want = max(1, (2 * _sm_count(dev)) // R)
@@ -238,11 +348,12 @@ def hisa_attention_exact(q, k, v, pooled, config, *, scale, q_start, mask, out, 
         nsplit = triton.cdiv(TK, chunk)
         direct = nsplit == 1
         if direct:
-            po = pm = pl = s2  # unused
+            po = pm = pl = idx  # unused
         else:
-            po = torch.empty(R * nsplit * MP * DP, dtype=torch.float32, device=dev)
-            pm = torch.empty(R * nsplit * MP, dtype=torch.float32, device=dev)
-            pl = torch.empty(R * nsplit * MP, dtype=torch.float32, device=dev)
+            part = torch.empty(R * nsplit * MP * (DP + 2), dtype=torch.float32, device=dev)
+            po = part[: R * nsplit * MP * DP]
+            pm = part[R * nsplit * MP * DP: R * nsplit * MP * (DP + 1)]
+            pl = part[R * nsplit * MP * (DP + 1):]
         _sparse_attn[(R, nsplit)](
             qv, k, v, idx, ov, po, pm, pl,
             qv.stride(0), qv.stride(1), qv.stride(2), k.stride(0), k.stride(1), k.stride(2),

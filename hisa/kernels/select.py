@@ -1,7 +1,8 @@
 """Row-wise top-k *selection* (not sorting) in one Triton program per row.
 
-Each row of ``scores`` is held in registers; the k-th largest value is found by bisection over the
-order-preserving integer image of the float32 bits (32 counting passes, no sort), then the kept columns
+Each row of ``scores`` is held in registers; the k-th largest value is found on the order-preserving
+integer image of the float32 bits, by a radix select (4 passes of a 256-bin histogram; or, with
+``radix=False``, by bisection: 32 counting passes), no sort; then the kept columns
 are compacted in ascending column order with a prefix sum. Ties at the threshold keep the lowest
 columns. Entries equal to -inf (masked) are never kept, so a row with fewer than k finite entries keeps
 all of them; the output row is padded with -1.
@@ -18,6 +19,53 @@ import triton
 import triton.language as tl
 
 MAX_SELECT_WIDTH = 16384  # wider rows fall back to torch.topk
+RADIX_SELECT = True  # 4 histogram passes (default) or 32 bisection passes
+
+
+@triton.jit
+def _select_core(x, offs, K, OUT_ROW, val, BLOCK: tl.constexpr, KP: tl.constexpr, RADIX: tl.constexpr):
+    """Store at OUT_ROW[0:K] the ``val`` of the K largest finite entries of x (ascending offs), -1 padded."""
+    valid = x > float("-inf")
+    bits = x.to(tl.int32, bitcast=True)
+    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)
+    if RADIX:
+        # radix select, 8 bits per pass, on the unsigned image of the key: 4 histogram passes
+        ukey = key + 2147483648
+        bins = tl.arange(0, 256)
+        prefix = tl.min(ukey, 0) * 0
+        krem = K + tl.min(offs, 0) * 0
+        for p in tl.static_range(4):
+            shift: tl.constexpr = 24 - 8 * p
+            match = (ukey >> (shift + 8)) == (prefix >> (shift + 8))
+            digit = ((ukey >> shift) & 255).to(tl.int32)
+            hist = tl.histogram(digit, 256, mask=match)
+            cum = tl.cumsum(hist, 0)
+            ge = tl.sum(hist, 0) - cum + hist  # matching entries with digit >= bin
+            d_sel = tl.maximum(tl.max(tl.where(ge >= krem, bins, -1), 0), 0)
+            krem = krem - tl.sum(tl.where(bins > d_sel, hist, 0), 0)
+            prefix = prefix | (d_sel.to(tl.int64) << shift)
+        lo = prefix - 2147483648
+    else:
+        # bisection on the key: 32 counting passes
+        lo = tl.min(key, 0)
+        hi = tl.max(key, 0)
+        for _ in range(32):
+            mid = lo + (hi - lo + 1) // 2
+            c = tl.sum((key >= mid).to(tl.int32), 0)
+            ok = c >= K
+            lo = tl.where(ok, mid, lo)
+            hi = tl.where(ok, hi, mid - 1)
+    gt = key > lo
+    n_gt = tl.sum(gt.to(tl.int32), 0)
+    tie = (key == lo).to(tl.int32)
+    tie_rank = tl.cumsum(tie, 0)
+    keep = (gt | ((tie > 0) & (tie_rank <= K - n_gt))) & valid
+    keep_i = keep.to(tl.int32)
+    dest = tl.cumsum(keep_i, 0) - 1
+    tl.store(OUT_ROW + dest, val.to(tl.int32), mask=keep)
+    nkeep = tl.sum(keep_i, 0)
+    pad = nkeep + tl.arange(0, KP)
+    tl.store(OUT_ROW + pad, tl.full([KP], -1, tl.int32), mask=pad < K)
 
 
 @triton.jit
@@ -26,6 +74,7 @@ def _select_kernel(
     MAP, stride_map, map_bs,
     pos0, pos_step, L_inner, nvis_bs,
     BLOCK: tl.constexpr, KP: tl.constexpr, HAS_NVIS: tl.constexpr, HAS_MAP: tl.constexpr,
+    RADIX: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
@@ -36,33 +85,12 @@ def _select_kernel(
         nvis = pos // nvis_bs + 1
         x = tl.where(offs < nvis, x, float("-inf"))
         x = tl.where((offs == 0) | (offs == nvis - 1), float("inf"), x)
-    valid = x > float("-inf")
-    bits = x.to(tl.int32, bitcast=True)
-    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)
-    lo = tl.min(key, 0)
-    hi = tl.max(key, 0)
-    for _ in range(32):
-        mid = lo + (hi - lo + 1) // 2
-        c = tl.sum((key >= mid).to(tl.int32), 0)
-        ok = c >= K
-        lo = tl.where(ok, mid, lo)
-        hi = tl.where(ok, hi, mid - 1)
-    gt = key > lo
-    n_gt = tl.sum(gt.to(tl.int32), 0)
-    tie = (key == lo).to(tl.int32)
-    tie_rank = tl.cumsum(tie, 0)
-    keep = (gt | ((tie > 0) & (tie_rank <= K - n_gt))) & valid
-    keep_i = keep.to(tl.int32)
-    dest = tl.cumsum(keep_i, 0) - 1
     if HAS_MAP:
-        blk = tl.load(MAP + row * stride_map + offs // map_bs, mask=keep, other=0)
+        blk = tl.load(MAP + row * stride_map + offs // map_bs, mask=offs < N, other=0)
         val = blk * map_bs + offs % map_bs
     else:
         val = offs
-    tl.store(OUT + row * stride_o + dest, val.to(tl.int32), mask=keep)
-    nkeep = tl.sum(keep_i, 0)
-    pad = nkeep + tl.arange(0, KP)
-    tl.store(OUT + row * stride_o + pad, tl.full([KP], -1, tl.int32), mask=pad < K)
+    _select_core(x, offs, K, OUT + row * stride_o, val, BLOCK, KP, RADIX)
 
 
 def _warps(block: int) -> int:
@@ -77,6 +105,7 @@ def topk_select(
     nvis: tuple[int, int, int, int] | None = None,
     block_map: torch.Tensor | None = None,
     map_bs: int = 1,
+    radix: bool | None = None,
 ) -> torch.Tensor:
     """Indices [R, k] int32 (ascending, -1 padded) of the k largest finite entries of each row of
     ``scores`` [R, >=n] float32 (only the first ``n`` columns compete).
@@ -103,6 +132,7 @@ def topk_select(
         mp, mp.stride(0), map_bs,
         pos0, pos_step, L_inner, nbs,
         BLOCK=block, KP=max(16, triton.next_power_of_2(k)), HAS_NVIS=nvis is not None, HAS_MAP=has_map,
+        RADIX=RADIX_SELECT if radix is None else radix,
         num_warps=_warps(block),
     )
     return out
