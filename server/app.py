@@ -28,6 +28,7 @@ from . import __version__
 from .engine import Delta, Done, Engine, EngineConfig, Failed, GenRequest, Job, Progress, resolve_overrides
 from .errors import APIError, context_length_error, error_body, from_validation_errors
 from .metrics import CONTENT_TYPE_LATEST, Metrics
+from .openapi import build_openapi
 from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from .sampling import SamplingParams
 
@@ -110,6 +111,9 @@ def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAP
     app.state.engine = engine
     app.state.metrics = metrics
     app.state.settings = settings
+    app.openapi = lambda: build_openapi(app, {"/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest,
+                                              "/v1/chat/completions": ChatCompletionRequest,
+                                              "/v1/completions": CompletionRequest})
     app.add_middleware(GuardMiddleware, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes)
     if settings.allowed_origins:
         from fastapi.middleware.cors import CORSMiddleware  # noqa: PLC0415
