@@ -249,15 +249,21 @@ def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAP
         engine.submit(req)
         return req
 
-    async def next_event(req: GenRequest, request: Request):
-        """The next engine event; cancels the request when the client goes away while waiting."""
+    async def next_event(req: GenRequest, request: Request, state: dict):
+        """The next engine event; cancels the request when the client has gone away (checked at most
+        every half second, also while events keep coming)."""
         while True:
-            try:
-                return await asyncio.wait_for(req.events.get(), timeout=1.0)
-            except asyncio.TimeoutError:
+            now = time.monotonic()
+            if now - state.get("checked", now) >= 0.5:
+                state["checked"] = now
                 if await request.is_disconnected():
                     engine.abort(req)
-                    raise asyncio.CancelledError("client disconnected") from None
+                    raise asyncio.CancelledError("client disconnected")
+            state.setdefault("checked", now)
+            try:
+                return await asyncio.wait_for(req.events.get(), timeout=0.5)
+            except asyncio.TimeoutError:
+                continue
 
     def progress_chunk(base: dict, ev: Progress) -> dict:
         return {**base, "choices": [], "hisa_progress": {"index": ev.index, "processed_tokens": ev.processed,
@@ -401,9 +407,10 @@ def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAP
         texts = {i: [] for i in range(body.n)}
         lps = {i: [] for i in range(body.n)}
         finish = {}
+        watch: dict = {}
         try:
             while True:
-                ev = await next_event(req, request)
+                ev = await next_event(req, request, watch)
                 if isinstance(ev, Delta):
                     texts[ev.index].append(ev.text)
                     if body.logprobs:
@@ -523,9 +530,10 @@ def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAP
         texts = {i: [echo.get(i, "")] for i in range(count)}
         entries = {i: [] for i in range(count)}
         finish = {}
+        watch: dict = {}
         try:
             while True:
-                ev = await next_event(req, request)
+                ev = await next_event(req, request, watch)
                 if isinstance(ev, Delta):
                     texts[ev.index].append(ev.text)
                     if body.logprobs is not None:

@@ -54,6 +54,17 @@ class Metrics:
                                    registry=r)
         self.max_model_len = Gauge("hisa_max_model_len", "Longest context accepted", labels, registry=r)
         self.name = model_name
+        # zero-valued series exist from the start (dashboards and rate() see them before the first event)
+        for reason in ("stop", "length"):
+            self.requests.labels(model_name=model_name, finished_reason=reason)
+        for reason in ("cancelled", "error"):
+            self.aborted.labels(model_name=model_name, reason=reason)
+        for reason in ("queue_full", "loading"):
+            self.rejected.labels(model_name=model_name, reason=reason)
+        for metric in (self.prompt_tokens, self.generation_tokens, self.cached_tokens, self.attended, self.visible,
+                       self.running, self.waiting, self.fraction, self.pooled_bytes, self.kv_bytes,
+                       self.prefix_bytes, self.prefix_tokens, self.max_model_len):
+            metric.labels(model_name=model_name)
 
     def labels(self, metric, **extra):
         return metric.labels(model_name=self.name, **extra)
