@@ -35,7 +35,7 @@ def _select_core(x, offs, K, OUT_ROW, val, BLOCK: tl.constexpr, KP: tl.constexpr
         prefix = tl.min(ukey, 0) * 0
         krem = K + tl.min(offs, 0) * 0
         for p in tl.static_range(4):
-            shift: tl.constexpr = 24 - 8 * p
+            shift = 24 - 8 * p
             match = (ukey >> (shift + 8)) == (prefix >> (shift + 8))
             digit = ((ukey >> shift) & 255).to(tl.int32)
             hist = tl.histogram(digit, 256, mask=match)
