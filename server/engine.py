@@ -180,6 +180,8 @@ class Engine:
         self._cache_kw = "past_key_values"
         self._logits_to_keep = True
         self.load_seconds = None
+        # tests only: a file whose existence makes the next forward raise (see _injected_fault)
+        self._fault_file = os.environ.get("HISA_TEST_FAULT_FILE") or None
 
     # -- life cycle ------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -371,9 +373,15 @@ class Engine:
             waiting = len(self._waiting)
         live = {"kv": 0, "pooled": 0}
         for seq in active:
-            if seq.cache is not None:
-                for k, v in seq.cache.nbytes().items():
-                    live[k] += v
+            cache = seq.cache
+            if cache is None:
+                continue
+            try:  # the worker may be releasing it right now
+                sizes = cache.nbytes()
+            except (AttributeError, TypeError):
+                continue
+            for k, v in sizes.items():
+                live[k] += v
         prefix = self.prefix_cache.nbytes() if self.prefix_cache else {"kv": 0, "pooled": 0}
         return {
             "running_sequences": len(active),
@@ -519,6 +527,8 @@ class Engine:
     # -- model calls -----------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, cache) -> torch.Tensor:
         """Run ``input_ids`` [1, L] through the model on top of ``cache``; logits of the last position only."""
+        if self._fault_file:
+            self._injected_fault(input_ids.shape[-1])
         kwargs = {self._cache_kw: cache, "use_cache": True}
         if self._logits_to_keep:
             out = self.model(input_ids=input_ids, logits_to_keep=1, **kwargs)
@@ -526,6 +536,22 @@ class Engine:
         inner = self.model.get_decoder()
         hidden = inner(input_ids=input_ids, **kwargs).last_hidden_state
         return self.model.lm_head(hidden[:, -1:])[0, -1]
+
+    def _injected_fault(self, n_tokens: int) -> None:
+        """Fault injection for the reliability tests (env ``HISA_TEST_FAULT_FILE``, never set in production):
+        when that file exists and holds ``oom`` (any forward), ``oom:prefill`` (a forward of several tokens)
+        or ``oom:decode`` (one token), it is deleted and this forward raises ``torch.OutOfMemoryError``."""
+        try:
+            with open(self._fault_file) as f:
+                what = f.read().strip()
+        except OSError:
+            return
+        phase = "prefill" if n_tokens > 1 else "decode"
+        if what not in ("oom", f"oom:{phase}"):
+            return
+        with contextlib.suppress(OSError):
+            os.remove(self._fault_file)
+        raise torch.OutOfMemoryError(f"injected by HISA_TEST_FAULT_FILE during {phase}")
 
     def decode_step(self, token: torch.Tensor, cache) -> torch.Tensor:
         """One decode step: the last sampled ``token`` (a device tensor of one id) over ``cache``; returns
