@@ -3,7 +3,9 @@
 For every setting, the same windows of ../shared/corpus/moby-dick.txt go through the embedded
 SmolLM2-135M-Instruct densely and sparsely; the comparison (perplexity, KL(dense‖sparse), top-1
 agreement, over all positions and over the positions whose query sees more than top_k keys) is done
-by hisa.evaluation, the code behind ``hisa-eval``. Baselines (block-only, sinks + local window) live in
+by hisa.evaluation, the code behind ``hisa-eval``. ``hisa`` is the per-query reference (the
+specification; the Triton decode path), ``hisa-tiled`` the reference of the Triton prefill kernel's
+tile-shared selection (HISA_BACKEND=reference_tiled). Baselines (block-only, sinks + local window) live in
 bench/baselines.py. Results are appended to a JSON file after every run, so a long sweep can be
 stopped and resumed (``--resume``), and printed as a Markdown table.
 
@@ -14,7 +16,9 @@ stopped and resumed (``--resume``), and printed as a Markdown table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -35,29 +39,50 @@ def _run(method: str, **cfg) -> dict:
     return {"method": method, "config": {"min_context": 0, **cfg}}
 
 
-def grid(name: str) -> list[dict]:
-    """Runs in priority order (a sweep cut short still has the most important ones)."""
-    k_quarter = {"block_size": 64, "top_blocks": 64, "top_k": 2048}
-    k512 = {"block_size": 64, "top_blocks": 32, "top_k": 512}
+def grid(name: str, length: int) -> list[dict]:
+    """Runs in priority order (a sweep cut short still has the most important ones). Budgets scale with
+    the window: k = length / 4 (the issue's target) with 2k candidate tokens (top_blocks * block_size),
+    and k = length / 16 with 4k candidates (the earlier emulation's k = 512, 32 blocks of 64 at 8k)."""
+    kq = length // 4
+    ks = length // 16
+    quarter = {"block_size": 64, "top_blocks": 2 * kq // 64, "top_k": kq}
+    small = {"block_size": 64, "top_blocks": 4 * ks // 64, "top_k": ks}
     runs = [
-        _run("hisa", **k_quarter),
-        _run("block-only", **k_quarter),
-        _run("sinks-local", **k_quarter),
-        _run("hisa", **k512),
-        _run("block-only", **k512),
-        _run("sinks-local", **k512),
-        _run("hisa", **k_quarter, selection="head"),
-        _run("hisa", **k_quarter, dense_layers=[0, 1]),
-        _run("hisa", block_size=64, top_blocks=32, top_k=1024),
-        _run("hisa", block_size=128, top_blocks=32, top_k=2048),
-        _run("hisa", block_size=32, top_blocks=128, top_k=2048),
-        _run("hisa", **k512, selection="head"),
-        _run("hisa", **k512, dense_layers=[0, 1]),
-        _run("hisa", block_size=64, top_blocks=40, top_k=2048),
+        _run("hisa", **quarter),
+        _run("block-only", **quarter),
+        _run("sinks-local", **quarter),
+        _run("hisa", **small),
+        _run("block-only", **small),
+        _run("sinks-local", **small),
+        _run("hisa", **quarter, selection="head"),
+        _run("hisa", **quarter, dense_layers=[0, 1]),
+        # the Triton prefill kernel's tile-shared semantics (stage 1 per tile of block_size queries, no
+        # stage-2 pruning): its budget is top_blocks * block_size, so at equal budget with top_k = kq
+        _run("hisa-tiled", block_size=64, top_blocks=kq // 64, top_k=kq),
+        _run("hisa-tiled", **quarter),
+        _run("hisa", block_size=32, top_blocks=2 * kq // 32, top_k=kq),
+        _run("hisa", block_size=128, top_blocks=2 * kq // 128, top_k=kq),
+        _run("hisa", block_size=64, top_blocks=4 * kq // 64, top_k=kq),
+        _run("hisa", **small, selection="head"),
+        _run("hisa", **small, dense_layers=[0, 1]),
     ]
     if name == "quick":
         return runs[:6]
     return runs
+
+
+@contextlib.contextmanager
+def backend(name: str):
+    """Run HISA through another backend of hisa.ops (read from $HISA_BACKEND at every call)."""
+    old = os.environ.get("HISA_BACKEND")
+    os.environ["HISA_BACKEND"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("HISA_BACKEND", None)
+        else:
+            os.environ["HISA_BACKEND"] = old
 
 
 def run_key(run: dict, length: int, windows: int) -> str:
@@ -69,7 +94,7 @@ def run_key(run: dict, length: int, windows: int) -> str:
 def label(entry: dict) -> str:
     c = entry["config"]
     parts = [f"bs {c['block_size']}", f"k {c['top_k']}"]
-    if entry["method"] == "hisa":
+    if entry["method"].startswith("hisa"):
         parts.insert(1, f"tb {c['top_blocks']}")
         parts.append(c["selection"])
         if c["dense_layers"]:
@@ -133,12 +158,13 @@ def main(argv=None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
     dense_cache: dict = {}
-    for run in grid(args.grid):
+    for run in grid(args.grid, args.length):
         key = run_key(run, args.length, len(windows))
         if key in done:
             continue
         cfg = HisaConfig(**run["config"])
-        ctx = None if run["method"] == "hisa" else (lambda m=run["method"]: use_baseline(m))
+        ctx = {"hisa": None, "hisa-tiled": lambda: backend("reference_tiled")}.get(
+            run["method"], lambda m=run["method"]: use_baseline(m))
         t0 = time.perf_counter()
         dense_before = len(dense_cache)
         res = evaluate_windows(model, windows, cfg, dense_cache=dense_cache, sparse_context=ctx)
