@@ -485,6 +485,8 @@ class Engine:
             return
         if seq.cache is None:
             self._begin(seq)
+        if self._fault_file:
+            self._injected_fault("prefill" if seq.pos < seq.prompt_len else "decode")
         if seq.pos < seq.prompt_len:
             self._prefill_chunk(seq)
         else:
@@ -527,8 +529,6 @@ class Engine:
     # -- model calls -----------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, cache) -> torch.Tensor:
         """Run ``input_ids`` [1, L] through the model on top of ``cache``; logits of the last position only."""
-        if self._fault_file:
-            self._injected_fault(input_ids.shape[-1])
         kwargs = {self._cache_kw: cache, "use_cache": True}
         if self._logits_to_keep:
             out = self.model(input_ids=input_ids, logits_to_keep=1, **kwargs)
@@ -537,16 +537,15 @@ class Engine:
         hidden = inner(input_ids=input_ids, **kwargs).last_hidden_state
         return self.model.lm_head(hidden[:, -1:])[0, -1]
 
-    def _injected_fault(self, n_tokens: int) -> None:
+    def _injected_fault(self, phase: str) -> None:
         """Fault injection for the reliability tests (env ``HISA_TEST_FAULT_FILE``, never set in production):
-        when that file exists and holds ``oom`` (any forward), ``oom:prefill`` (a forward of several tokens)
-        or ``oom:decode`` (one token), it is deleted and this forward raises ``torch.OutOfMemoryError``."""
+        when that file exists and holds ``oom`` (any step), ``oom:prefill`` (a prefill chunk) or ``oom:decode``
+        (a decode step), it is deleted and this step raises ``torch.OutOfMemoryError``."""
         try:
             with open(self._fault_file) as f:
                 what = f.read().strip()
         except OSError:
             return
-        phase = "prefill" if n_tokens > 1 else "decode"
         if what not in ("oom", f"oom:{phase}"):
             return
         with contextlib.suppress(OSError):
