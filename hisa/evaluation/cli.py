@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -80,9 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hisa-top-k", type=_positive, default=d.top_k)
     g.add_argument("--hisa-min-context", type=int, default=0,
                    help="key length below which attention stays dense (default 0 here, so HISA is measured at "
-                   f"every length; the server's default is {d.min_context}, a speed choice)")
+                   f"every length; the server's default is {d.min_context}, a speed choice). 0 also turns off the "
+                   "Triton backend's dense crossovers (HISA_DENSE_BELOW[_DECODE]) unless they are set")
     g.add_argument("--hisa-dense-layers", type=_layers, default=d.dense_layers,
                    help="comma-separated layer indices kept dense, or 'none'")
+    g.add_argument("--hisa-backend", choices=["auto", "reference", "reference_tiled", "triton"], default=None,
+                   help="HISA implementation (sets $HISA_BACKEND): auto = Triton kernels on CUDA, else the "
+                   "per-query reference; reference_tiled = the reference of the GPU prefill kernel's "
+                   "tile-shared selection (to see on CPU what a GPU computes)")
     g.add_argument("--hisa-selection", choices=SELECTION_MODES, default=d.selection,
                    help="group: heads of a KV group share a selection; head: each head selects")
     return p
@@ -107,6 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         parser.error(f"cannot read --text {args.text}: {e}")
 
+    if args.hisa_backend:
+        os.environ["HISA_BACKEND"] = args.hisa_backend
+    if args.hisa_min_context == 0:  # measure the sparse path itself, also where the GPU would run dense
+        os.environ.setdefault("HISA_DENSE_BELOW", "0")
+        os.environ.setdefault("HISA_DENSE_BELOW_DECODE", "0")
     import torch  # noqa: PLC0415 - keep --help fast
 
     from ..models import load_model, served_name  # noqa: PLC0415

@@ -87,6 +87,7 @@ def write_report(out: Path, results: dict) -> dict:
         f"- HISA: block_size={cfg['block_size']}, top_blocks={cfg['top_blocks']}, top_k={cfg['top_k']}, "
         f"dense_layers={cfg['dense_layers'] or 'none'}, selection={cfg['selection']}, "
         f"min_context={cfg['min_context']}",
+        f"- backend: {', '.join(f'{k}={v}' for k, v in results.get('backend', {}).items())}",
         f"- seed: {results['seed']}; elapsed: {results['elapsed_s']:.0f} s",
         "",
     ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -34,6 +35,20 @@ class EvalSettings:
         if self.depths == 1:
             return [0.5]
         return [round(i / (self.depths - 1), 4) for i in range(self.depths)]
+
+
+def backend_info(device) -> dict:
+    """Which HISA implementation runs on ``device`` (hisa.ops decides from $HISA_BACKEND)."""
+    from .. import ops  # noqa: PLC0415
+
+    name = ops.backend_for(torch.empty(0, device=device))
+    info = {"backend": name, "HISA_BACKEND": os.environ.get("HISA_BACKEND", "auto")}
+    if name == "triton":
+        from ..kernels import prefill_mode  # noqa: PLC0415
+
+        info["prefill"] = prefill_mode()  # "tile": tile-shared prefill selection; "exact": per query
+        info["dense_below"] = {"prefill": ops.dense_crossover(1 << 20), "decode": ops.dense_crossover(1)}
+    return info
 
 
 def _max_context(model) -> int | None:
@@ -75,6 +90,7 @@ def run_evaluation(model, tokenizer, text: str, config: HisaConfig, settings: Ev
         "text_tokens": int(ids.numel()),
         "seed": settings.seed,
         "config": config.to_dict(),
+        "backend": backend_info(next(model.parameters()).device),
         "settings": {k: v for k, v in settings.__dict__.items()},
         "perplexity": None,
         "needle": None,
