@@ -34,7 +34,9 @@ from .sampling import SamplingParams
 
 log = logging.getLogger("hisa.server")
 
-PROTECTED_PREFIXES = ("/v1", "/tokenize", "/detokenize")
+# with an API key, every route needs it except these (health checks and Prometheus scrapers send no key);
+# CORS preflights (OPTIONS) carry no credentials either
+OPEN_PATHS = ("/health", "/metrics")
 SSE_PING_SECONDS = 10
 SYSTEM_FINGERPRINT = f"hisa-serve-{__version__}"
 
@@ -50,7 +52,7 @@ class ServerSettings:
 
 # ----------------------------------------------------------------------------------------------------------
 class GuardMiddleware:
-    """API key (constant-time comparison) on the protected routes, and the request body size limit
+    """API key (constant-time comparison) on every route but OPEN_PATHS, and the request body size limit
     (declared Content-Length; the streamed size is checked again while reading)."""
 
     def __init__(self, app, api_key: str | None, max_body_bytes: int):
@@ -63,7 +65,7 @@ class GuardMiddleware:
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
         headers = dict(scope.get("headers") or [])
-        if self.key is not None and scope.get("method") != "OPTIONS" and path.startswith(PROTECTED_PREFIXES):
+        if self.key is not None and scope.get("method") != "OPTIONS" and path not in OPEN_PATHS:
             auth = headers.get(b"authorization", b"")
             scheme, _, given = auth.partition(b" ")
             ok = scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self.key)

@@ -45,7 +45,8 @@ FLAGS = [
                                  "derived from --model)")),
     ("--host", dict(default="0.0.0.0", help="address to bind (default 0.0.0.0)")),
     ("--port", dict(default=8000, type=_positive_int, help="port (default 8000)")),
-    ("--api-key", dict(default=None, help="require 'Authorization: Bearer KEY' on /v1, /tokenize, /detokenize")),
+    ("--api-key", dict(default=None, help="require 'Authorization: Bearer KEY' on every route except /health "
+                      "and /metrics")),
     ("--max-model-len", dict(default=None, type=_positive_int, help="longest context (prompt + completion) to "
                              "accept; default: the model's limit, or what fits in GPU memory")),
     ("--dtype", dict(default="auto", choices=["auto", "bfloat16", "float16", "float32"],

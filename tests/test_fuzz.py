@@ -59,7 +59,9 @@ def schema(server):
     posts = [p for p, item in doc["paths"].items() if "post" in item]
     # the document must describe the bodies, else the fuzzer would only send empty POSTs
     assert posts and all("requestBody" in doc["paths"][p]["post"] for p in posts)
-    return schemathesis.openapi.from_dict(doc)
+    schema = schemathesis.openapi.from_dict(doc)
+    schema.config.max_stream_events = 1 << 20  # read streams to the end (schemathesis stops at 20 events)
+    return schema
 
 
 def content_type(resp) -> str:
