@@ -28,9 +28,11 @@ _BACKEND_ENV = "HISA_BACKEND"
 BACKENDS = ("auto", "reference", "reference_tiled", "triton")
 
 # Key lengths below which dense SDPA beats the kernels, measured with bench/attention.py on an H100
-# (docs/benchmarks.md). Prefill = more than EXACT_MAX_QUERIES queries in the call, decode = fewer.
-DENSE_BELOW_PREFILL = 12288
-DENSE_BELOW_DECODE = 8192
+# (docs/benchmarks.md), by head dim (<= 64, > 64). Prefill = more than EXACT_MAX_QUERIES queries in the
+# call, decode = fewer. Decode is compared eagerly (as transformers runs it): the HISA decode path costs
+# ~0.13-0.25 ms of launch overhead, which SDPA's flash decode only exceeds at very long contexts.
+DENSE_BELOW_PREFILL = {64: 12288, 128: 16384}
+DENSE_BELOW_DECODE = {64: 196608, 128: 163840}
 
 
 def _triton_backend():
@@ -63,13 +65,14 @@ def backend_for(q: torch.Tensor) -> str:
     return "reference"
 
 
-def dense_crossover(q_len: int) -> int:
+def dense_crossover(q_len: int, head_dim: int = 64) -> int:
     """Key length below which the Triton backend runs dense SDPA for a call with ``q_len`` queries."""
     from .kernels import EXACT_MAX_QUERIES  # noqa: PLC0415
 
+    col = 64 if head_dim <= 64 else 128
     if q_len <= EXACT_MAX_QUERIES:
-        return int(os.environ.get("HISA_DENSE_BELOW_DECODE", DENSE_BELOW_DECODE))
-    return int(os.environ.get("HISA_DENSE_BELOW", DENSE_BELOW_PREFILL))
+        return int(os.environ.get("HISA_DENSE_BELOW_DECODE", DENSE_BELOW_DECODE[col]))
+    return int(os.environ.get("HISA_DENSE_BELOW", DENSE_BELOW_PREFILL[col]))
 
 
 def sdpa_dense(q, k, v, *, scale=None, mask=None) -> torch.Tensor:
@@ -96,7 +99,7 @@ def hisa_attention(
 ) -> torch.Tensor:
     backend = backend_for(q)
     if backend == "triton":
-        if k.shape[2] < dense_crossover(q.shape[2]):
+        if k.shape[2] < dense_crossover(q.shape[2], q.shape[3]):
             return sdpa_dense(q, k, v, scale=scale, mask=mask)
         return _triton_backend().hisa_attention(q, k, v, pooled, config, scale=scale, mask=mask)
     if backend == "reference_tiled":
