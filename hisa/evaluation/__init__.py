@@ -8,7 +8,7 @@
 """
 
 from .metrics import MetricAccumulator, compare_hidden, compare_logits, sparse_positions
-from .needle import Needle, NeedleTrial, answer_is_correct, build_prompt, make_needle, run_trial
+from .needle import Needle, NeedleTrial, answer_is_correct, build_prompt, make_needle, plan_trial, run_planned, run_trial
 from .perplexity import evaluate_windows, final_hidden, text_windows
 from .report import summary_line, write_report
 from .runner import EvalSettings, run_evaluation
@@ -25,6 +25,8 @@ __all__ = [
     "evaluate_windows",
     "final_hidden",
     "make_needle",
+    "plan_trial",
+    "run_planned",
     "run_evaluation",
     "run_trial",
     "sparse_positions",

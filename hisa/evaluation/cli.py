@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -129,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         lengths=args.lengths, depths=args.depths, needles_per_cell=args.needles, ppl_windows=args.ppl_windows,
         max_new_tokens=args.max_new_tokens, seed=args.seed, skip_needle=args.skip_needle, skip_ppl=args.skip_ppl,
     )
+    # a kill (SIGTERM) stops like Ctrl-C: the report of what finished is still written
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     print(f"hisa-eval: loading {args.model} ...", file=sys.stderr, flush=True)
     try:
         model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
@@ -141,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"hisa-eval: error: {e}", file=sys.stderr)
         return 2
-    print(results["summary"])
+    print(results["summary"] + (" [interrupted: partial results]" if results.get("interrupted") else ""))
     print(f"report: {args.out / 'report.md'}")
     return 0
 

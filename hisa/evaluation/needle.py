@@ -142,17 +142,27 @@ def generate_answer(model, tokenizer, ids: list[int], max_new_tokens: int = 16) 
     return tokenizer.decode(out[0, inp.shape[1] :], skip_special_tokens=True).strip()
 
 
-def run_trial(model, tokenizer, text_ids, length: int, depth: float, rng: random.Random,
-              max_new_tokens: int = 16) -> NeedleTrial:
+def plan_trial(rng: random.Random, text_tokens: int, length: int) -> tuple[Needle, int]:
+    """Draw one trial's needle and haystack offset (a random place of the text when it is long enough)."""
+    needle = make_needle(rng)
+    slack = text_tokens - 2 * length
+    return needle, (rng.randrange(0, slack) if slack > 0 else 0)
+
+
+def run_planned(model, tokenizer, text_ids, length: int, depth: float, needle: Needle, offset: int,
+                max_new_tokens: int = 32) -> NeedleTrial:
     """One needle at one (length, depth): the same prompt answered densely and with HISA (the model
     must already be HISA-patched)."""
-    needle = make_needle(rng)
-    n = len(text_ids)
-    slack = n - 2 * length  # haystacks start at a random place of the text when it is long enough
-    offset = rng.randrange(0, slack) if slack > 0 else 0
     ids = build_prompt(tokenizer, text_ids, length, depth, needle, offset=offset)
     with override(enabled=False):
         dense = generate_answer(model, tokenizer, ids, max_new_tokens)
     sparse = generate_answer(model, tokenizer, ids, max_new_tokens)
     return NeedleTrial(length, depth, len(ids), needle.code, dense, sparse,
                        answer_is_correct(dense, needle.code), answer_is_correct(sparse, needle.code))
+
+
+def run_trial(model, tokenizer, text_ids, length: int, depth: float, rng: random.Random,
+              max_new_tokens: int = 32) -> NeedleTrial:
+    """:func:`plan_trial` then :func:`run_planned`."""
+    needle, offset = plan_trial(rng, len(text_ids), length)
+    return run_planned(model, tokenizer, text_ids, length, depth, needle, offset, max_new_tokens)

@@ -91,6 +91,8 @@ def write_report(out: Path, results: dict) -> dict:
         f"- seed: {results['seed']}; elapsed: {results['elapsed_s']:.0f} s",
         "",
     ]
+    if results.get("interrupted"):
+        lines += ["**Interrupted**: the run was stopped early; the tables hold what had finished.", ""]
     ppl = results.get("perplexity")
     if ppl:
         k = cfg["top_k"]

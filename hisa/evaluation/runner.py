@@ -12,7 +12,7 @@ import torch
 
 from ..config import HisaConfig
 from ..patch import apply_hisa
-from .needle import run_trial
+from .needle import plan_trial, run_planned
 from .perplexity import evaluate_windows, text_windows
 from .report import needle_rows, summary_line, write_report
 
@@ -49,6 +49,18 @@ def backend_info(device) -> dict:
         info["prefill"] = prefill_mode()  # "tile": tile-shared prefill selection; "exact": per query
         info["dense_below"] = {"prefill": ops.dense_crossover(1 << 20), "decode": ops.dense_crossover(1)}
     return info
+
+
+def spread_order(values: list) -> list:
+    """Coarse to fine: middle, ends, then the midpoints of the largest gaps (0,25,50,75,100 -> 50,0,100,25,75)."""
+    if len(values) <= 2:
+        return list(values)
+    order = [len(values) // 2, 0, len(values) - 1]
+    while len(order) < len(values):
+        taken = sorted(order)
+        gaps = [(b - a, (a + b) // 2) for a, b in zip(taken, taken[1:]) if b - a > 1]
+        order.append(max(gaps)[1])
+    return [values[i] for i in order]
 
 
 def _max_context(model) -> int | None:
@@ -96,35 +108,49 @@ def run_evaluation(model, tokenizer, text: str, config: HisaConfig, settings: Ev
         "needle": None,
     }
 
-    if not settings.skip_ppl:
-        rows = []
-        for n in lengths:
-            bar.set_postfix_str(f"perplexity @ {n}")
-            res = evaluate_windows(model, windows[n], config, chunk=settings.chunk, on_step=lambda _: bar.update(1))
-            rows.append({"length": n, **res})
-        results["perplexity"] = rows
+    try:
+        if not settings.skip_ppl:
+            rows = []
+            results["perplexity"] = rows
+            for n in lengths:
+                bar.set_postfix_str(f"perplexity @ {n}")
+                res = evaluate_windows(model, windows[n], config, chunk=settings.chunk,
+                                       on_step=lambda _: bar.update(1))
+                rows.append({"length": n, **res})
 
-    if not settings.skip_needle:
-        rng = random.Random(settings.seed)
-        # a generous token budget for the answer; the prompt plus answer must fit the model's context
-        trials = []
-        for n in lengths:
-            prompt_len = min(n, max_ctx - settings.max_new_tokens) if max_ctx else n
-            for d in depths:
-                for _ in range(settings.needles_per_cell):
-                    bar.set_postfix_str(f"needle @ {n} tokens, depth {100 * d:.0f}%")
-                    trial = run_trial(model, tokenizer, ids, prompt_len, d, rng, settings.max_new_tokens)
-                    trial.length = n  # the row it belongs to (prompt_tokens has the exact size)
-                    trials.append(trial.to_dict())
-                    bar.update(1)
-        results["needle"] = {
-            "lengths": lengths,
-            "depths": depths,
-            "per_cell": settings.needles_per_cell,
-            "trials": trials,
-            "rows": needle_rows(trials, lengths),
-        }
+        if not settings.skip_needle:
+            # needles are drawn in a fixed order (so a seed gives the same needles whatever runs), then run
+            # depth by depth over all lengths, coarse to fine: an interrupted run still covers every row
+            rng = random.Random(settings.seed)
+            plan = {}
+            for n in lengths:
+                for d in depths:
+                    for i in range(settings.needles_per_cell):
+                        plan[n, d, i] = plan_trial(rng, ids.numel(), n)
+            trials = []
+            results["needle"] = {"lengths": lengths, "depths": depths, "per_cell": settings.needles_per_cell,
+                                 "trials": trials, "rows": []}
+            text_ids = ids.tolist()
+            for d in spread_order(depths):
+                for n in lengths:
+                    # the prompt plus the answer must fit the model's context
+                    prompt_len = min(n, max_ctx - settings.max_new_tokens) if max_ctx else n
+                    for i in range(settings.needles_per_cell):
+                        bar.set_postfix_str(f"needle @ {n} tokens, depth {100 * d:.0f}%")
+                        needle, offset = plan[n, d, i]
+                        trial = run_planned(model, tokenizer, text_ids, prompt_len, d, needle, offset,
+                                            settings.max_new_tokens)
+                        trial.length = n  # the row it belongs to (prompt_tokens has the exact size)
+                        trials.append(trial.to_dict())
+                        results["needle"]["rows"] = needle_rows(trials, lengths)
+                        bar.update(1)
+    except KeyboardInterrupt:
+        results["interrupted"] = True
+        bar.write("hisa-eval: interrupted, writing the report of what finished")
     bar.close()
+    if results["needle"] is not None:
+        results["needle"]["trials"].sort(key=lambda t: (t["length"], t["depth"]))
+    results.setdefault("interrupted", False)
     results["elapsed_s"] = time.perf_counter() - t0
     results["summary"] = summary_line(results)
     if out is not None:
