@@ -12,6 +12,7 @@ Measures time to first token (prefill forward of the whole prompt + first token)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -49,7 +50,7 @@ def _sync_time():
 
 
 @torch.no_grad()
-def run_one(model, ids, make_cache, steps, reps=2):
+def run_one(model, ids, make_cache, steps, reps=2, decode_flash=False):
     ttfts = []
     for _ in range(reps):  # TTFT: best of ``reps`` prefills, each into a fresh cache
         cache = None
@@ -63,9 +64,12 @@ def run_one(model, ids, make_cache, steps, reps=2):
         ttfts.append(_sync_time() - t0)
     ttft = min(ttfts)
     times = []
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     for i in range(steps + 2):
         a = _sync_time()
-        out = model(nxt, use_cache=True, logits_to_keep=1, **kw)
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]) if decode_flash else contextlib.nullcontext():
+            out = model(nxt, use_cache=True, logits_to_keep=1, **kw)
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         b = _sync_time()
         if i >= 2:
@@ -81,6 +85,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--top-blocks", type=int, default=None)
     ap.add_argument("--top-k", type=int, default=None)
+    ap.add_argument("--modes", default="dense,dense-flash,hisa",
+                    help="dense = stock SDPA; dense-flash = stock SDPA with decode pinned to the flash backend")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     from transformers import DynamicCache
@@ -96,25 +102,28 @@ def main(argv=None):
     prompts = {L: torch.randint(0, 128256, (1, L), generator=g).cuda() for L in ctxs}
     warm = torch.randint(0, 128256, (1, 20000), generator=g).cuda()
     results = {}
-    for mode in ("dense", "hisa"):
+    modes = args.modes.split(",")
+    for mode in modes:
         if mode == "hisa":
             apply_hisa(model, hcfg)
-        mk = (lambda L: DynamicCache()) if mode == "dense" else (lambda L: new_cache(model, L + args.steps + 8))
-        run_one(model, warm, lambda: mk(warm.shape[1]), 2, reps=1)  # compile / allocator warm-up
+        mk = (lambda L: new_cache(model, L + args.steps + 8)) if mode == "hisa" else (lambda L: DynamicCache())
+        flash = mode == "dense-flash"
+        run_one(model, warm, lambda: mk(warm.shape[1]), 2, reps=1, decode_flash=flash)  # warm-up
         for L in ctxs:
-            r = run_one(model, prompts[L], lambda L=L: mk(L), args.steps)
+            r = run_one(model, prompts[L], lambda L=L: mk(L), args.steps, decode_flash=flash)
             results.setdefault(L, {})[mode] = r
             print(json.dumps({"mode": mode, "L": L, **r}), flush=True)
             torch.cuda.empty_cache()
     print(f"\n## {dev} — Llama-3.2-1B shape, random weights, bf16, batch 1; HISA top_blocks={hcfg.top_blocks} "
           f"top_k={hcfg.top_k}")
-    print("| ctx | dense TTFT s | HISA TTFT s | ratio | dense ms/tok | HISA ms/tok | ratio | dense peak GiB | HISA peak GiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| ctx | mode | TTFT s | TTFT vs dense | decode ms/tok | decode vs dense | peak GiB |")
+    print("|---|---|---|---|---|---|---|")
     for L, r in results.items():
-        d, h = r["dense"], r["hisa"]
-        print(f"| {L // 1024}k | {d['ttft_s']:.3f} | {h['ttft_s']:.3f} | {h['ttft_s'] / d['ttft_s']:.2f} | "
-              f"{d['decode_ms']:.2f} | {h['decode_ms']:.2f} | {h['decode_ms'] / d['decode_ms']:.2f} | "
-              f"{d['peak_gib']:.1f} | {h['peak_gib']:.1f} |")
+        d = r.get("dense")
+        for mode, x in r.items():
+            rt = f"{x['ttft_s'] / d['ttft_s']:.2f}" if d else "-"
+            rd = f"{x['decode_ms'] / d['decode_ms']:.2f}" if d else "-"
+            print(f"| {L // 1024}k | {mode} | {x['ttft_s']:.3f} | {rt} | {x['decode_ms']:.2f} | {rd} | {x['peak_gib']:.1f} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"device": dev, "config": hcfg.to_dict(),
                                                "results": {str(k): v for k, v in results.items()}}, indent=1))

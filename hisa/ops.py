@@ -32,7 +32,7 @@ BACKENDS = ("auto", "reference", "reference_tiled", "triton")
 # call, decode = fewer. Decode is compared eagerly (as transformers runs it): the HISA decode path costs
 # ~0.13-0.25 ms of launch overhead, which SDPA's flash decode only exceeds at very long contexts.
 DENSE_BELOW_PREFILL = {64: 12288, 128: 16384}
-DENSE_BELOW_DECODE = {64: 196608, 128: 163840}
+DENSE_BELOW_DECODE = {64: 163840, 128: 131072}
 
 
 def _triton_backend():
@@ -75,11 +75,38 @@ def dense_crossover(q_len: int, head_dim: int = 64) -> int:
     return int(os.environ.get("HISA_DENSE_BELOW", DENSE_BELOW_PREFILL[col]))
 
 
+_NO_CUDNN = None
+
+
+def _decode_backends():
+    global _NO_CUDNN
+    if _NO_CUDNN is None:
+        from torch.nn.attention import SDPBackend  # noqa: PLC0415
+
+        _NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    return _NO_CUDNN
+
+
 def sdpa_dense(q, k, v, *, scale=None, mask=None) -> torch.Tensor:
-    """Causal dense attention through SDPA (bottom-right aligned causality, optional mask)."""
+    """Causal dense attention through SDPA (bottom-right aligned causality, optional mask).
+
+    Short query chunks (decode) avoid the cuDNN backend: its execution plan is keyed by the key length,
+    which grows every step, and rebuilding it cost ~2 ms per layer and step on an H100 (torch 2.11)."""
+    from torch.nn.attention import sdpa_kernel  # noqa: PLC0415
+
+    from .kernels import EXACT_MAX_QUERIES  # noqa: PLC0415
+
     Lq, Lk = q.shape[2], k.shape[2]
     mask = mask_to_bool(mask)
     kw = {"scale": scale, "enable_gqa": q.shape[1] != k.shape[1]}
+    if Lq <= EXACT_MAX_QUERIES and q.is_cuda:
+        with sdpa_kernel(_decode_backends()):
+            return _sdpa(q, k, v, mask, kw)
+    return _sdpa(q, k, v, mask, kw)
+
+
+def _sdpa(q, k, v, mask, kw):
+    Lq, Lk = q.shape[2], k.shape[2]
     if mask is None and (Lq == Lk or Lq == 1):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=Lq == Lk and Lq > 1, **kw)
     causal = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril(Lk - Lq)
