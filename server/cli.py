@@ -143,7 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     app.state.engine.on_load_failed = load_failed
     log.info("hisa-serve %s listening on http://%s:%d (model %s loads in the background; /health is 503 until "
              "ready)%s", _version(), args.host, args.port, names[0], "; API key required" if args.api_key else "")
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl+C it caught, after its graceful shutdown
+        pass
     if failed:
         print(f"hisa-serve: the model could not be loaded: {failed[0]}", file=sys.stderr)
         return 1
