@@ -251,6 +251,7 @@ class Engine:
         elif getattr(tok, "chat_template", None):
             self.chat_template = tok.chat_template
         self._size_context(text_cfg)
+        self._warmup()
         self.load_seconds = time.monotonic() - t0
         n_params = sum(p.numel() for p in model.parameters())
         log.info("loaded %s: %s, %.0fM parameters, %d layers, on %s, %s, in %.1f s", self.config.served_model_name,
@@ -263,6 +264,16 @@ class Engine:
                  cfg.max_queue, cfg.max_num_seqs)
         if self.metrics:
             self.metrics.labels(self.metrics.max_model_len).set(self.max_model_len)
+
+    def _warmup(self) -> None:
+        """One tiny prefill + decode so the first request does not pay for lazy initialisation."""
+        cache = hisa.new_cache(self.model, max_cache_len=32)
+        try:
+            ids = torch.full((1, 8), int(next(iter(self.eos_ids), 0)), dtype=torch.long, device=self.device)
+            logits = self.forward(ids, cache)
+            self.decode_step(logits.argmax(-1, keepdim=True), cache)
+        finally:
+            cache.release()
 
     def _size_context(self, text_cfg) -> None:
         cfg = self.config
