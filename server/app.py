@@ -38,6 +38,10 @@ log = logging.getLogger("hisa.server")
 # CORS preflights (OPTIONS) carry no credentials either
 OPEN_PATHS = ("/health", "/metrics")
 SSE_PING_SECONDS = 10
+# apply_chat_template arguments the server sets itself (chat_template_kwargs only reach the template)
+RESERVED_TEMPLATE_KWARGS = {"messages", "conversation", "add_generation_prompt", "tokenize", "chat_template",
+                            "return_dict", "return_tensors", "tokenizer_kwargs", "padding", "truncation",
+                            "max_length", "return_assistant_tokens_mask", "continue_final_message"}
 SYSTEM_FINGERPRINT = f"hisa-serve-{__version__}"
 
 
@@ -347,6 +351,9 @@ def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAP
                 entry["name"] = m.name
             msgs.append(entry)
         kwargs = dict(body.chat_template_kwargs or {})
+        reserved = sorted(set(kwargs) & RESERVED_TEMPLATE_KWARGS)
+        if reserved:  # they would clash with the server's own arguments (a TypeError, i.e. a 500, before)
+            raise APIError(f"chat_template_kwargs cannot set {', '.join(reserved)}", param="chat_template_kwargs")
         text = await in_tokenizer(engine.render_chat, msgs, body.add_generation_prompt, **kwargs)
         prompt_ids = await in_tokenizer(engine.encode, text, False)
         if not prompt_ids:

@@ -188,7 +188,13 @@ def _valid_strategies():
     chat = st.fixed_dictionaries(
         {"model": st.sampled_from(["tiny", None]), "messages": st.lists(message, min_size=1, max_size=3),
          "max_tokens": st.integers(1, 6)},
-        optional={**common, "logprobs": st.just(True), "top_logprobs": st.integers(0, 5)})
+        optional={**common, "logprobs": st.just(True), "top_logprobs": st.integers(0, 5),
+                  "chat_template_kwargs": st.dictionaries(
+                      st.sampled_from(["add_generation_prompt", "tokenize", "chat_template", "return_dict",
+                                       "messages", "continue_final_message", "tools", "documents",
+                                       "enable_thinking", "x"]),
+                      st.one_of(st.booleans(), text, st.none(), st.lists(st.just({"type": "function"}))),
+                      max_size=2)})
     prompt = st.one_of(text, st.lists(text, min_size=1, max_size=3),
                        st.lists(st.integers(0, 49151), min_size=1, max_size=20))
     completion = st.fixed_dictionaries(
@@ -207,7 +213,8 @@ def check_valid_response(path: str, body: dict, r: httpx.Response) -> None:
     assert r.status_code < 500, f"{where}: {r.status_code} {r.text[:500]}"
     if r.status_code != 200:
         err = r.json()["error"]
-        assert err["code"] in ALLOWED_400 or err["param"] == "hisa", f"{where}: {r.status_code} {err}"
+        assert err["code"] in ALLOWED_400 or err["param"] in ("hisa", "chat_template_kwargs") \
+            or err["code"] == "chat_template_error", f"{where}: {r.status_code} {err}"
         return
     n_prompts = 1
     if path == "/v1/completions" and isinstance(body["prompt"], list) and isinstance(body["prompt"][0], str):
