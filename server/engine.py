@@ -37,6 +37,9 @@ from .sampling import Sample, SamplerState, SamplingParams
 
 log = logging.getLogger("hisa.server")
 
+# generated tokens preallocated (and counted against the KV budget) per sequence up front
+GROWTH_RESERVE = 2048
+
 
 # ----------------------------------------------------------------------------------------------------------
 # configuration and events
@@ -105,6 +108,7 @@ class GenRequest:
         self.jobs = collections.deque(jobs)
         self.params = params
         self.overrides = hisa_overrides or {}
+        self.cache_tag = tuple(sorted(self.overrides.items())) or None  # prefix reuse only between equal settings
         self.loop = loop
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancelled = False
@@ -148,7 +152,9 @@ class Sequence:
 
     @property
     def reserve(self) -> int:
-        return self.prompt_len + self.max_tokens
+        """Tokens this sequence is expected to hold: the prompt plus up to ``GROWTH_RESERVE`` generated
+        tokens (caches grow past it when a long answer needs it)."""
+        return self.prompt_len + min(self.max_tokens, GROWTH_RESERVE)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -458,7 +464,7 @@ class Engine:
                 break
             req = self._waiting[0]
             job = req.jobs[0]
-            need = len(job.prompt_ids) + req.params.max_tokens
+            need = len(job.prompt_ids) + min(req.params.max_tokens, GROWTH_RESERVE)
             reserved = sum(s.reserve for s in self._active)
             if self._active and reserved + need > self.kv_budget_tokens:
                 break
@@ -507,7 +513,7 @@ class Engine:
     def _begin(self, seq: Sequence) -> None:
         """Find a cached prefix (reused K/V and pooled keys) or allocate a fresh preallocated cache."""
         req = seq.req
-        cache, shared = self.prefix_cache.take(seq.prompt)
+        cache, shared = self.prefix_cache.take(seq.prompt, req.cache_tag)
         if cache is not None:
             keep = min(shared, seq.prompt_len - 1)  # always recompute the last prompt token (for its logits)
             cache.crop_to(keep)
@@ -638,7 +644,7 @@ class Engine:
         seq.cache = None
         held = cache.get_seq_length()
         tokens = torch.tensor((seq.job.prompt_ids + seq.generated)[:held], dtype=torch.long)
-        self.prefix_cache.put(tokens, cache)
+        self.prefix_cache.put(tokens, cache, req.cache_tag)
         with self._cv:
             idx = self._active.index(seq)
             if req.jobs and not req.cancelled:

@@ -17,6 +17,7 @@ import torch
 class Entry:
     tokens: torch.Tensor  # int64 [L] on the CPU: the tokens whose K/V the cache holds
     cache: object  # HisaCache
+    tag: object = None  # the attention settings that computed it (K/V of deeper layers depend on them)
 
     @property
     def capacity(self) -> int:
@@ -61,12 +62,14 @@ class PrefixCache:
                     total[k] = total.get(k, 0) + v
         return total
 
-    def take(self, prompt: torch.Tensor) -> tuple[object | None, int]:
-        """Remove and return (cache, shared length) of the entry sharing the longest prefix with
-        ``prompt``; (None, 0) when none shares at least ``min_match`` tokens."""
+    def take(self, prompt: torch.Tensor, tag=None) -> tuple[object | None, int]:
+        """Remove and return (cache, shared length) of the entry computed with the same ``tag`` that shares
+        the longest prefix with ``prompt``; (None, 0) when none shares at least ``min_match`` tokens."""
         best_key, best_len = None, 0
         with self._lock:
             for key, entry in self._entries.items():
+                if entry.tag != tag:
+                    continue
                 n = common_prefix(entry.tokens, prompt)
                 if n > best_len:
                     best_key, best_len = key, n
@@ -77,18 +80,19 @@ class PrefixCache:
             self.hits += 1
         return entry.cache, best_len
 
-    def put(self, tokens: torch.Tensor, cache) -> None:
+    def put(self, tokens: torch.Tensor, cache, tag=None) -> None:
         """Keep ``cache`` (holding K/V of ``tokens``); evicts least recently used entries over budget.
         Entries whose tokens are a prefix of the new one are dropped (the new one serves them too)."""
         if self.max_tokens <= 0 or len(tokens) == 0:
             cache.release()
             return
-        entry = Entry(tokens.detach().to("cpu", torch.long), cache)
+        entry = Entry(tokens.detach().to("cpu", torch.long), cache, tag)
         if entry.capacity > self.max_tokens:
             cache.release()
             return
         with self._lock:
-            for key in [k for k, e in self._entries.items() if common_prefix(e.tokens, entry.tokens) == len(e.tokens)]:
+            for key in [k for k, e in self._entries.items()
+                        if e.tag == tag and common_prefix(e.tokens, entry.tokens) == len(e.tokens)]:
                 self._entries.pop(key).cache.release()
             self._entries[self._next] = entry
             self._next += 1

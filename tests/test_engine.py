@@ -300,3 +300,26 @@ def test_prefix_cache_lru_and_prefix_match():
     assert got is b and n == 50 and len(pc) == 1
     assert pc.take(torch.tensor([5, 6]))[0] is None
     assert common_prefix(torch.tensor([1, 2, 3]), torch.tensor([1, 2, 4, 5])) == 2
+
+
+def test_prefix_reuse_only_between_equal_attention_settings(engine):
+    doc = prompt(300, seed=30)
+    run(engine, [doc], GREEDY, overrides={"enabled": False})
+    _, usage, _ = run(engine, [doc + [7]], GREEDY)  # HISA on: the dense-computed K/V are not reused
+    assert usage["prompt_tokens_details"]["cached_tokens"] == 0
+    _, usage, _ = run(engine, [doc + [8]], GREEDY, overrides={"enabled": False})
+    assert usage["prompt_tokens_details"]["cached_tokens"] == 300
+
+
+def test_prefix_cache_tags():
+    class FakeCache:
+        layers = []
+
+        def release(self):
+            pass
+
+    pc = PrefixCache(max_tokens=1000)
+    c = FakeCache()
+    pc.put(torch.arange(50), c, tag=(("enabled", False),))
+    assert pc.take(torch.arange(60))[0] is None
+    assert pc.take(torch.arange(60), tag=(("enabled", False),)) == (c, 50)
