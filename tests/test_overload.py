@@ -142,6 +142,8 @@ def test_extra_requests_get_503_at_once(server, reference):
     refused, still_running, done = asyncio.run(scenario())
     for r, elapsed in refused:
         assert_queue_full(r, elapsed)
+    print(f"\noverload: {len(refused)} refused with 503 in at most {max(e for _, e in refused) * 1000:.0f} ms "
+          f"while the admitted ones ran for up to {max(e for _, e in done):.1f} s")
     assert still_running >= 2, "the admitted requests should still have been running while refusals came back"
     for i, ((r, _), p) in enumerate(zip(done, PROMPTS)):
         assert r.status_code == 200, r.text[:300]
@@ -183,6 +185,9 @@ def test_burst_none_hangs(server, reference):
         assert finish == "length"
         assert text == reference[PROMPTS[i % 3], SHORT], f"request {i}: a wrong or mixed answer"
     assert MAX_QUEUE + MAX_SEQS <= served < 24, f"{served} served"
+    refused = [e for r, e in results if r.status_code == 503]
+    print(f"\nburst: 24 at once, {served} served correctly, {len(refused)} refused in at most "
+          f"{max(refused) * 1000:.0f} ms, slowest served {max(e for r, e in results if r.status_code == 200):.1f} s")
     assert metric(server, "hisa_num_requests_running") == 0 and metric(server, "hisa_num_requests_waiting") == 0
 
 
@@ -224,4 +229,6 @@ def test_out_of_memory_is_reported_and_freed(server, reference, fault_file, phas
         assert http.post("/v1/completions", json=body(PROMPTS[0], LONG)).json()["choices"][0]["text"] \
             == reference[PROMPTS[0], LONG]
         growth = rss_bytes(server.proc.pid) - rss0
+        print(f"\nOOM during {phase} ({'stream' if stream else 'non-stream'}): {r.status_code} {err['code']}; "
+              f"RSS {rss0 / 2**20:.1f} MiB before, {growth / 2**20:+.1f} MiB after")
         assert growth < 64 << 20, f"RSS grew by {growth / 2**20:.1f} MiB across an OOM"
