@@ -15,10 +15,11 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import causal_mask_function, sdpa_mask
 
 from .config import HisaConfig
-from .ops import hisa_attention
+from .ops import hisa_attention, sdpa_dense
 from .reference import pool_keys
 
 ATTN_NAME = "hisa"
+DECODE_MAX_QUERIES = 16  # calls with at most this many queries are decode steps (or tiny chunks)
 
 _override: contextvars.ContextVar[dict | None] = contextvars.ContextVar("hisa_override", default=None)
 _stats: contextvars.ContextVar["AttentionStats | None"] = contextvars.ContextVar("hisa_stats", default=None)
@@ -133,6 +134,10 @@ def hisa_attention_forward(
         _count(stats, layer_idx, query.shape[0], q_len, kv_len, cfg.top_k if sparse else None)
 
     if not sparse:
+        if query.is_cuda and q_len <= DECODE_MAX_QUERIES:
+            # decode: SDPA without its cuDNN backend, whose plan is rebuilt as the key length grows
+            out = sdpa_dense(query, key, value, scale=scaling, mask=attention_mask)
+            return out.transpose(1, 2).contiguous(), None
         if attention_mask is None and 1 < q_len < kv_len:
             # our mask function drops causal masks; SDPA's is_causal is top-left aligned, so rebuild it
             attention_mask = _causal_mask(q_len, kv_len, query.device)
