@@ -15,7 +15,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import causal_mask_function, sdpa_mask
 
 from .config import HisaConfig
-from .ops import hisa_attention, sdpa_dense
+from .ops import backend_for, dense_crossover, hisa_attention, sdpa_dense
 from .reference import pool_keys
 
 ATTN_NAME = "hisa"
@@ -131,7 +131,11 @@ def hisa_attention_forward(
     )
     stats = _stats.get()
     if stats is not None:
-        _count(stats, layer_idx, query.shape[0], q_len, kv_len, cfg.top_k if sparse else None)
+        # count what really runs: below the kernels' measured crossover, ops.hisa_attention runs dense SDPA
+        ran_sparse = sparse and not (
+            backend_for(query) == "triton" and kv_len < dense_crossover(q_len, query.shape[3])
+        )
+        _count(stats, layer_idx, query.shape[0], q_len, kv_len, cfg.top_k if ran_sparse else None)
 
     if not sparse:
         if query.is_cuda and q_len <= DECODE_MAX_QUERIES:
