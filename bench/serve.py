@@ -1,0 +1,218 @@
+"""End-to-end latency through the HTTP server: HISA vs dense, measured by a streaming OpenAI client.
+
+Starts ``hisa-serve`` twice on 127.0.0.1 over the same random-weight model folder — once with HISA
+(default config) and once with ``--no-hisa`` (dense SDPA) — and for each prompt length measures, with the
+official ``openai`` SDK streaming ``/v1/completions``:
+
+* TTFT: request sent -> first streamed token (client side, includes HTTP, queueing, chunked prefill);
+* ITL: mean gap between later streamed tokens (inter-token latency, i.e. decode ms/token);
+* follow-up TTFT: the same document with another question appended (prefix reuse), as a fraction of the
+  first request's TTFT.
+
+Prompts are token ids (``prompt=[...]``) drawn from a seeded RNG, so their length is exact. The model is
+Llama-3.2-1B-shaped (hidden 2048, 16 layers, 32 heads / 8 KV heads, head dim 64, intermediate 8192, rope
+theta 500000) with the tokenizer of the embedded model (vocab 49152, so the output head is smaller than
+Llama's 128256; it runs for the last position only).
+
+    python bench/serve.py --contexts 8k,32k,128k --tokenizer DIR --json bench/results/serve.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def parse_len(s: str) -> int:
+    s = s.strip().lower()
+    return int(float(s[:-1]) * 1024) if s.endswith("k") else int(s)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_model(out: Path, tokenizer_dir: Path, layers: int, hidden: int, heads: int, kv_heads: int,
+                inter: int, max_len: int, dtype: str) -> None:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_len,
+                      rope_theta=500000.0, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).to(getattr(torch, dtype))
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+class Server:
+    def __init__(self, model_dir: Path, extra: list[str], max_len: int, log: Path):
+        self.port = free_port()
+        cmd = [sys.executable, "-m", "server.cli", "--model", str(model_dir), "--host", "127.0.0.1",
+               "--port", str(self.port), "--max-model-len", str(max_len), "--served-model-name", "bench", *extra]
+        self.log = open(log, "w")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def wait(self, timeout: float = 600) -> None:
+        import httpx
+
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}; see {self.log.name}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise TimeoutError("server did not become healthy")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def stream_once(client, prompt: list[int], max_tokens: int) -> dict:
+    t0 = time.perf_counter()
+    stamps = []
+    usage = None
+    stream = client.completions.create(model="bench", prompt=prompt, max_tokens=max_tokens, temperature=0.0,
+                                       stream=True, stream_options={"include_usage": True},
+                                       extra_body={"ignore_eos": True})
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].text:
+            stamps.append(time.perf_counter())
+        if getattr(chunk, "usage", None):
+            usage = chunk.usage.model_dump() if hasattr(chunk.usage, "model_dump") else dict(chunk.usage)
+    if not stamps:
+        raise RuntimeError("no tokens streamed")
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    return {
+        "ttft_s": stamps[0] - t0,
+        "itl_ms": 1000 * statistics.mean(gaps) if gaps else None,
+        "itl_median_ms": 1000 * statistics.median(gaps) if gaps else None,
+        "tokens": len(stamps),
+        "usage": usage,
+    }
+
+
+def run_mode(name: str, server: Server, contexts: list[int], vocab: int, max_tokens: int, followup_len: int) -> list:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.url + "/v1", api_key="none", timeout=1800, max_retries=0)
+    rng = random.Random(0)
+    rows = []
+    # warm-up: compiles kernels and fills allocator pools at a long-ish length
+    warm = [rng.randrange(100, vocab) for _ in range(min(contexts[-1], 20000))]
+    stream_once(client, warm, 4)
+    for n in contexts:
+        doc = [rng.randrange(100, vocab) for _ in range(n - 16)]
+        q1 = [rng.randrange(100, vocab) for _ in range(16)]
+        q2 = [rng.randrange(100, vocab) for _ in range(16)]
+        first = stream_once(client, doc + q1, max_tokens)
+        follow = stream_once(client, doc + q2, 8) if n <= followup_len else None
+        row = {"mode": name, "context": n, **{k: first[k] for k in ("ttft_s", "itl_ms", "itl_median_ms")},
+               "usage": first["usage"]}
+        if follow:
+            row["followup_ttft_s"] = follow["ttft_s"]
+            row["followup_ratio"] = follow["ttft_s"] / first["ttft_s"]
+            row["followup_cached_tokens"] = ((follow["usage"] or {}).get("prompt_tokens_details") or {}).get(
+                "cached_tokens")
+        rows.append(row)
+        print(f"{name:6s} {n:>7d}  TTFT {first['ttft_s']:.3f} s  ITL {first['itl_ms']:.2f} ms"
+              + (f"  follow-up TTFT {follow['ttft_s']:.3f} s ({row['followup_ratio']:.2f}x)" if follow else ""),
+              flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--contexts", default="8k,32k,64k,128k")
+    ap.add_argument("--tokenizer", required=True, help="folder with a tokenizer (e.g. the embedded model's)")
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--intermediate", type=int, default=8192)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--followup-up-to", type=parse_len, default=32 * 1024,
+                    help="ask a follow-up question for contexts up to this length")
+    ap.add_argument("--modes", default="hisa,dense")
+    ap.add_argument("--server-args", default="", help="extra hisa-serve flags for both modes")
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--logs", type=Path, default=Path(tempfile.gettempdir()))
+    args = ap.parse_args()
+
+    contexts = [parse_len(c) for c in args.contexts.split(",")]
+    max_len = max(contexts) + args.max_tokens + 64
+    work = Path(tempfile.mkdtemp(prefix="hisa-serve-bench-"))
+    try:
+        model_dir = work / "model"
+        build_model(model_dir, Path(args.tokenizer), args.layers, args.hidden, args.heads, args.kv_heads,
+                    args.intermediate, max(max_len, 8192), args.dtype)
+        vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+        results = {"card": _card(), "contexts": contexts, "rows": []}
+        for mode in args.modes.split(","):
+            extra = args.server_args.split() + (["--no-hisa"] if mode == "dense" else [])
+            server = Server(model_dir, extra, max_len, args.logs / f"serve-{mode}.log")
+            try:
+                server.wait()
+                results["rows"] += run_mode(mode, server, contexts, vocab, args.max_tokens, args.followup_up_to)
+            finally:
+                server.stop()
+        _table(results)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(results, indent=1))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _card() -> str:
+    try:
+        import torch
+
+        return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
+def _table(results: dict) -> None:
+    rows = results["rows"]
+    dense = {r["context"]: r for r in rows if r["mode"] == "dense"}
+    print(f"\ncard: {results['card']}")
+    print("| context | mode | TTFT s | TTFT vs dense | ITL ms | ITL vs dense | follow-up TTFT (x first) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        d = dense.get(r["context"])
+        tr = f"{r['ttft_s'] / d['ttft_s']:.2f}" if d else "-"
+        ir = f"{r['itl_ms'] / d['itl_ms']:.2f}" if d and r["itl_ms"] and d["itl_ms"] else "-"
+        fu = f"{r['followup_ttft_s']:.3f} s ({r['followup_ratio']:.3f})" if "followup_ttft_s" in r else "-"
+        print(f"| {r['context']} | {r['mode']} | {r['ttft_s']:.3f} | {tr} | {r['itl_ms']:.2f} | {ir} | {fu} |")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
