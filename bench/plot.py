@@ -13,7 +13,8 @@ Input: the JSON file that ``bench/e2e.py --json`` writes,
                            "hisa":  {"ttft_s": 0.38, "decode_ms": 9.1, ...}},
                  "32768": {...}, ...}}
 
-or the JSON lines e2e.py prints while it runs (``{"mode": "dense", "L": 8192, "ttft_s": ..., "decode_ms": ...}``,
+the same measurements as a list of rows (top level, or under "results"/"rows"), or the JSON lines e2e.py prints
+while it runs (``{"mode": "dense", "L": 8192, "ttft_s": ..., "decode_ms": ...}``,
 one per line; other lines are skipped). Keys per measurement: ``ttft_s`` (seconds) and ``decode_ms`` (ms per
 generated token; plotted as tokens/s) or ``decode_tok_s``; a measurement with ``"error"`` (e.g. dense out of memory)
 or a missing value is drawn as a gap and labelled. Modes other than dense/hisa (e.g. a vLLM baseline) are drawn
@@ -40,12 +41,18 @@ def load_results(path: Path) -> dict:
         data = None
     points: dict[str, dict[int, dict]] = {}
     meta = {"device": None, "model": None, "config": {}}
-    if isinstance(data, dict) and "results" in data:
+    if isinstance(data, dict):
         meta.update(device=data.get("device"), model=data.get("model"), config=data.get("config") or {})
-        for ctx, modes in data["results"].items():
+    rows = data if isinstance(data, list) else (data or {}).get("results", (data or {}).get("rows"))
+    if isinstance(rows, dict):  # {ctx: {mode: measurement}}
+        for ctx, modes in rows.items():
             for mode, m in modes.items():
                 points.setdefault(mode, {})[int(ctx)] = m or {}
-    else:  # JSON lines
+    elif isinstance(rows, list):  # [{"mode": ..., "L" or "context": ..., ...}]
+        for row in rows:
+            if isinstance(row, dict) and "mode" in row and ("L" in row or "context" in row):
+                points.setdefault(row["mode"], {})[int(row.get("L", row.get("context")))] = row
+    elif data is None:  # JSON lines
         for line in text.splitlines():
             line = line.strip()
             if not line.startswith("{"):

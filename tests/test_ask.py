@@ -234,3 +234,25 @@ def test_read_document_utf8_bom(tmp_path):
     assert read_document(str(p)) == ("# Title\nbody", str(p))
     with pytest.raises(AskError):
         read_document(str(tmp_path / "nope.md"))
+
+
+def test_status_on_a_terminal_spins_then_clears():
+    import io
+    import time as _time
+
+    from server.ask import Status
+
+    class FakeTTY(io.StringIO):
+        def isatty(self):
+            return True
+
+    tty = FakeTTY()
+    status = Status(tty)
+    status.start()
+    status.update(512, 2048, 256)
+    _time.sleep(0.35)
+    status.first_token()
+    text = tty.getvalue()
+    assert "prefill 512/2,048 tokens (25%), 256 from the prefix cache" in text
+    assert text.count("\r\033[K") >= 2 and text.endswith("\r\033[K")  # redrawn in place, cleared before the answer
+    assert status.first_token_at is not None and status.first_token_at >= 0.3

@@ -66,3 +66,13 @@ def test_empty_results_file_is_an_error(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "plot.py"), str(src)], capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 1 and "no measurements" in proc.stderr
+
+
+def test_rows_list_input(tmp_path):
+    rows = [{"mode": mode, "context": int(ctx), **m} for ctx, modes in RESULTS["results"].items()
+            for mode, m in modes.items()]
+    src = tmp_path / "rows.json"
+    src.write_text(json.dumps({"device": "Row Card", "rows": rows}))
+    res = plot.load_results(src)
+    assert res["device"] == "Row Card" and res["points"]["dense"][8192]["decode_ms"] == 10.0
+    assert "| 2.50x | 2.00x |" in plot.table(res)
