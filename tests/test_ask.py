@@ -256,3 +256,68 @@ def test_status_on_a_terminal_spins_then_clears():
     assert "prefill 512/2,048 tokens (25%), 256 from the prefix cache" in text
     assert text.count("\r\033[K") >= 2 and text.endswith("\r\033[K")  # redrawn in place, cleared before the answer
     assert status.first_token_at is not None and status.first_token_at >= 0.3
+
+
+def test_plain_openai_server_while_loading(tmp_path, doc):
+    """Against a server that is not hisa-serve (a stub speaking plain OpenAI SSE): no `hisa` extension is sent,
+    a 503 from /v1/models (model still loading) is waited out, the streamed text lands on stdout, and the usage
+    chunk's cached tokens are reported."""
+    import http.server
+    import json
+    import threading
+
+    seen: dict = {"models": 0, "bodies": []}
+
+    class Stub(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            seen["models"] += 1
+            if seen["models"] <= 2:
+                self._json(503, {"error": {"message": "loading", "type": "service_unavailable_error",
+                                           "param": None, "code": None}})
+            else:
+                self._json(200, {"object": "list", "data": [{"id": "stub-model", "object": "model", "created": 0,
+                                                             "owned_by": "someone"}]})
+
+        def do_POST(self):  # noqa: N802
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen["bodies"].append(body)
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            base = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "stub-model"}
+            events = [{**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                            "finish_reason": None}]}]
+            events += [{**base, "choices": [{"index": 0, "delta": {"content": t}, "finish_reason": None}]}
+                       for t in ("Ishmael", " tells", " it.")]
+            events.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+            events.append({**base, "choices": [], "usage": {"prompt_tokens": 300, "completion_tokens": 3,
+                                                            "total_tokens": 303,
+                                                            "prompt_tokens_details": {"cached_tokens": 256}}})
+            for ev in events:
+                self.wfile.write(f"data: {json.dumps(ev)}\n\n".encode())
+            self.wfile.write(b"data: [DONE]\n\n")
+
+        def _json(self, code, obj):
+            data = json.dumps(obj).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Stub)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        proc = hisa_ask(doc, QUESTION, url=f"http://127.0.0.1:{srv.server_address[1]}/v1", timeout=60)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "Ishmael tells it.\n"
+    assert "still loading" in proc.stderr and "prompt 300 tokens (256 cached)" in proc.stderr
+    [body] = seen["bodies"]
+    assert "hisa" not in body and body["model"] == "stub-model" and body["stream"] is True
+    assert body["messages"] == build_messages(doc.read_text(encoding="utf-8"), QUESTION)
