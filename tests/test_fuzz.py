@@ -20,12 +20,11 @@ import time
 import httpx
 import pytest
 import requests
+import schemathesis  # in the `test` extra: a missing install must fail, not skip
+from hypothesis import HealthCheck, Phase, given, settings
+from schemathesis import GenerationMode
 
 from .server_utils import ServerProcess, metric_value, tiny_model_dir
-
-schemathesis = pytest.importorskip("schemathesis")
-from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
-from schemathesis import GenerationMode  # noqa: E402
 
 KEY = "sk-fuzz"
 AUTH = {"Authorization": f"Bearer {KEY}"}

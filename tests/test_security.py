@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ast
 import json
-from pathlib import Path
 
 import httpx
 import pytest
