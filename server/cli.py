@@ -59,7 +59,7 @@ FLAGS = [
     ("--hisa-top-blocks", dict(default=None, type=_positive_int, help="blocks kept per query (default 64)")),
     ("--hisa-top-k", dict(default=None, type=_positive_int, help="tokens kept per query (default 2048)")),
     ("--hisa-min-context", dict(default=None, type=_nonneg_int, help="dense attention below this many keys "
-                                "(default 4096)")),
+                                "(default 4096 where HISA has GPU kernels; on CPU dense everywhere unless set)")),
     ("--no-hisa", dict(action="store_true", help="serve with dense attention")),
     ("--max-queue", dict(default=64, type=_nonneg_int, help="requests allowed to wait; more get 503 (default 64)")),
     ("--max-num-seqs", dict(default=8, type=_positive_int, help="requests computed concurrently (default 8)")),

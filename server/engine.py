@@ -39,6 +39,8 @@ log = logging.getLogger("hisa.server")
 
 # generated tokens preallocated (and counted against the KV budget) per sequence up front
 GROWTH_RESERVE = 2048
+# HISA's min_context where sparse attention has no fast kernels (CPU): dense attention everywhere by default
+CPU_MIN_CONTEXT = 1 << 30
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -228,6 +230,14 @@ class Engine:
             changes["top_blocks"] = max(hisa.HisaConfig.top_blocks, -(-changes["top_k"] // bs))
         if cfg.no_hisa:
             changes["enabled"] = False
+        self.slow_sparse_path = not self._fast_sparse_path(model)
+        if self.slow_sparse_path and cfg.hisa_min_context is None and not cfg.no_hisa:
+            # without the GPU kernels HISA runs its pure-PyTorch reference, which is slower than dense
+            # attention at every length: serve dense unless the user asks for sparse explicitly
+            changes["min_context"] = CPU_MIN_CONTEXT
+            log.warning("HISA has no fast kernels on %s (pure-PyTorch reference, slower than dense attention): "
+                        "attention runs dense here; pass --hisa-min-context N to use sparse attention from N keys",
+                        self._device_name(model))
         hcfg = hisa.HisaConfig().replace(**changes)
         hisa.apply_hisa(model, hcfg)
         self.hisa_config = hcfg
@@ -270,6 +280,21 @@ class Engine:
                  cfg.max_queue, cfg.max_num_seqs)
         if self.metrics:
             self.metrics.labels(self.metrics.max_model_len).set(self.max_model_len)
+
+    @staticmethod
+    def _device_name(model) -> str:
+        return str(next(model.parameters()).device)
+
+    @staticmethod
+    def _fast_sparse_path(model) -> bool:
+        """Whether HISA's sparse attention runs on fast kernels for this model's device."""
+        from hisa import ops  # noqa: PLC0415 - the dispatch seam, no kernel import here
+
+        probe = next(model.parameters())
+        try:
+            return ops.backend_for(probe.new_empty(1, 1, 1, 1)) == "triton"
+        except RuntimeError:
+            return False
 
     def _warmup(self) -> None:
         """One tiny prefill + decode so the first request does not pay for lazy initialisation."""
