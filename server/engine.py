@@ -697,6 +697,8 @@ class Engine:
         req.finished = True
         m = self.metrics
         if cancelled or error:
+            log.info("%s %s after %.3fs", req.id, "cancelled (client gone)" if cancelled else f"failed: {error.message}",
+                     time.monotonic() - req.arrival)
             if m:
                 m.labels(m.aborted, reason="cancelled" if cancelled else "error").inc()
             if error:
@@ -710,8 +712,13 @@ class Engine:
             "prompt_tokens_details": {"cached_tokens": u["cached_tokens"]},
             "hisa": self._hisa_usage(req),
         }
+        now = time.monotonic()
+        log.info("%s done: %d prompt tokens (%d cached), %d generated, queue %.3fs, first token %.3fs, total %.3fs, "
+                 "attention read %.1f%% of visible KV", req.id, u["prompt_tokens"], u["cached_tokens"],
+                 u["completion_tokens"], (req.started or now) - req.arrival, (req.first_token or now) - req.arrival,
+                 now - req.arrival, 100.0 * usage["hisa"]["fraction"])
         if m:
-            m.labels(m.e2e).observe(time.monotonic() - req.arrival)
+            m.labels(m.e2e).observe(now - req.arrival)
             if u["visible"]:
                 m.labels(m.fraction).set(u["attended"] / u["visible"])
         req.emit(Done(usage))
