@@ -345,7 +345,8 @@ def test_baked_embedded_model_serves_offline_like_the_image(image_venv):
     port = free_port()
     env = {**image_venv["env"], **env_settings(instructions())}
     env.update(HISA_HOME=str(home), HISA_PORT=str(port), HISA_HOST="127.0.0.1",  # 0.0.0.0 in the image
-               HF_HOME=str(tmp / "hf"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", HISA_MAX_MODEL_LEN="1024")
+               HF_HOME=str(tmp / "hf"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", HISA_MAX_MODEL_LEN="1024",
+               HISA_MODEL="")  # what docker/compose.yaml passes when HISA_MODEL is unset: the embedded model
     env.pop("TRITON_CACHE_DIR", None)
     log = open(tmp / "serve.log", "w")
     proc = subprocess.Popen([str(image_venv["venv"] / "bin" / "hisa-serve")], env=env, cwd=tmp, stdout=log,
