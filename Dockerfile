@@ -23,8 +23,10 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# the non-root user that serves; its caches are writable by any uid too (for `docker run --user ...`)
-RUN useradd --create-home --uid 1000 --shell /bin/bash hisa \
+# the non-root user that serves (uid 1000; an Ubuntu 24.04 base's own uid-1000 user "ubuntu" makes way); its
+# caches are writable by any uid too (for `docker run --user ...`)
+RUN if getent passwd 1000 > /dev/null; then userdel --remove "$(getent passwd 1000 | cut -d: -f1)"; fi \
+    && useradd --create-home --uid 1000 --shell /bin/bash hisa \
     && mkdir -p /home/hisa/.cache/huggingface /home/hisa/.cache/triton /opt/hisa-serve/home \
     && chown -R hisa:hisa /home/hisa /opt/hisa-serve/home \
     && chmod 1777 /home/hisa/.cache /home/hisa/.cache/huggingface /home/hisa/.cache/triton
