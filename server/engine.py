@@ -37,10 +37,17 @@ from .sampling import Sample, SamplerState, SamplingParams
 
 log = logging.getLogger("hisa.server")
 
+# a sparse warm-up prefill this long passes the kernels' dense crossovers (hisa.ops: 12288 / 16384 keys)
+WARMUP_SPARSE_TOKENS = 16384 + 256
+
 # generated tokens preallocated (and counted against the KV budget) per sequence up front
 GROWTH_RESERVE = 2048
 # HISA's min_context where sparse attention has no fast kernels (CPU): dense attention everywhere by default
 CPU_MIN_CONTEXT = 1 << 30
+
+
+class _Cancelled(Exception):
+    """Raised inside a forward pass to abandon a prefill chunk of a cancelled request."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -185,6 +192,7 @@ class Engine:
         self._active: list[Sequence] = []
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="hisa-engine", daemon=True)
+        self._prefilling: Sequence | None = None
         self._cache_kw = "past_key_values"
         self._logits_to_keep = True
         self.load_seconds = None
@@ -241,6 +249,8 @@ class Engine:
         hcfg = hisa.HisaConfig().replace(**changes)
         hisa.apply_hisa(model, hcfg)
         self.hisa_config = hcfg
+        for layer in getattr(model.get_decoder(), "layers", None) or []:
+            layer.register_forward_pre_hook(self._cancel_hook)
         self.model, self.tokenizer = model, tok
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
@@ -297,14 +307,23 @@ class Engine:
             return False
 
     def _warmup(self) -> None:
-        """One tiny prefill + decode so the first request does not pay for lazy initialisation."""
-        cache = hisa.new_cache(self.model, max_cache_len=32)
-        try:
-            ids = torch.full((1, 8), int(next(iter(self.eos_ids), 0)), dtype=torch.long, device=self.device)
-            logits = self.forward(ids, cache)
-            self.decode_step(logits.argmax(-1, keepdim=True), cache)
-        finally:
-            cache.release()
+        """One tiny prefill + decode so the first request does not pay for lazy initialisation; with the GPU
+        kernels also one sparse prefill past the dense crossover, so their JIT compilation (seconds) happens
+        here rather than in a user's first long request."""
+        pad = int(next(iter(self.eos_ids), 0))
+        n_sparse = min(self.max_model_len - 8, WARMUP_SPARSE_TOKENS, self.prefill_chunk)
+        runs = [(8, {})]
+        if not self.slow_sparse_path and self.hisa_config.enabled and n_sparse > self.hisa_config.top_k:
+            runs.append((n_sparse, {"min_context": 0}))
+        for n, overrides in runs:
+            cache = hisa.new_cache(self.model, max_cache_len=n + 8)
+            try:
+                with hisa.override(**overrides):
+                    ids = torch.full((1, n), pad, dtype=torch.long, device=self.device)
+                    logits = self.forward(ids, cache)
+                    self.decode_step(logits.argmax(-1, keepdim=True), cache)
+            finally:
+                cache.release()
 
     def _size_context(self, text_cfg) -> None:
         cfg = self.config
@@ -507,6 +526,9 @@ class Engine:
     def _step_safely(self, seq: Sequence) -> None:
         try:
             self._step(seq)
+        except _Cancelled:  # the client left in the middle of a prefill chunk
+            self._drop(seq)
+            self._end_request(seq.req, cancelled=True)
         except Exception as e:  # noqa: BLE001 - one request fails, the server keeps serving
             oom = isinstance(e, torch.OutOfMemoryError)
             log.exception("request %s failed", seq.req.id)
@@ -560,13 +582,24 @@ class Engine:
         start = seq.pos
         end = min(seq.prompt_len, start + self.prefill_chunk)
         ids = seq.prompt[start:end].to(self.device, non_blocking=True).view(1, -1)
-        logits = self._tracked(seq, self.forward, ids, seq.cache)
+        self._prefilling = seq  # lets _cancel_hook stop this chunk between layers
+        try:
+            logits = self._tracked(seq, self.forward, ids, seq.cache)
+        finally:
+            self._prefilling = None
         seq.pos = end
         seq.req.emit(Progress(seq.job.index, end, seq.prompt_len, seq.cached))
         if end == seq.prompt_len:
             if self.metrics:
                 self.metrics.labels(self.metrics.prefill).observe(time.monotonic() - seq.t_start)
             self._accept(seq, logits)
+
+    def _cancel_hook(self, module, args) -> None:
+        """Forward pre-hook of every decoder layer: a prefill chunk whose client has gone stops at the
+        next layer instead of finishing (a long chunk can take seconds on a CPU)."""
+        seq = self._prefilling
+        if seq is not None and seq.req.cancelled:
+            raise _Cancelled(seq.req.id)
 
     # -- model calls -----------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, cache) -> torch.Tensor:

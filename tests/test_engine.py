@@ -323,3 +323,47 @@ def test_prefix_cache_tags():
     pc.put(torch.arange(50), c, tag=(("enabled", False),))
     assert pc.take(torch.arange(60))[0] is None
     assert pc.take(torch.arange(60), tag=(("enabled", False),)) == (c, 50)
+
+
+def test_cancel_inside_a_prefill_chunk(model_dir):
+    """A client leaving in the middle of one (long) prefill chunk stops it between decoder layers."""
+    e = make_engine(model_dir, prefill_chunk=4096, prefix_cache_tokens=100_000)
+    try:
+        p = prompt(1000, seed=40)
+        box = {}
+        layer = e.model.get_decoder().layers[0]
+        calls = {"n": 0}
+
+        def leave(module, args):  # the client goes away as layer 0 of the only chunk starts
+            calls["n"] += 1
+            if "req" in box and calls["n"] == 1:
+                e.abort(box["req"])
+
+        # the engine's hook on layer 1 notices
+        handle = layer.register_forward_pre_hook(leave)
+
+        async def go():
+            req = GenRequest([Job(p, 0)], GREEDY, asyncio.get_running_loop())
+            box["req"] = req
+            e.submit(req)
+            deadline = time.monotonic() + 30
+            while not req.finished and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            events = []
+            while not req.events.empty():
+                events.append(req.events.get_nowait())
+            return req, events
+
+        try:
+            req, events = asyncio.run(go())
+        finally:
+            handle.remove()
+        assert req.cancelled and req.finished
+        assert not [ev for ev in events if isinstance(ev, (Delta, Progress, Done))]  # the chunk never finished
+        stats = e.stats()
+        assert stats["running_sequences"] == 0 and stats["live_cache_bytes"] == {"kv": 0, "pooled": 0}
+        assert stats["prefix_cache_entries"] == 0
+        out, _, _ = run(e, [prompt(40, seed=41)], GREEDY)  # still serving
+        assert len(out[0]) == 12
+    finally:
+        e.shutdown()
