@@ -402,7 +402,10 @@ class Engine:
         with self._cv:
             if self._stop:
                 raise APIError("the server is shutting down", status=503, headers={"Retry-After": "5"})
-            if len(self._waiting) >= self.config.max_queue:
+            # a free running slot counts as room too: a burst arriving before the worker admits the first
+            # requests is not refused (and --max-queue 0 means "no waiting", not "refuse everything")
+            free = max(0, self.config.max_num_seqs - len({id(s.req) for s in self._active}))
+            if len(self._waiting) >= self.config.max_queue + free:
                 if self.metrics:
                     self.metrics.labels(self.metrics.rejected, reason="queue_full").inc()
                 raise APIError(f"the server is busy: {len(self._waiting)} requests are already waiting "
