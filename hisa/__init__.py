@@ -7,7 +7,7 @@
 from .attention import AttentionStats, override, track
 from .cache import HisaCache, HisaLayer
 from .config import HisaConfig
-from .patch import SUPPORTED_MODEL_TYPES, apply_hisa, new_cache
+from .patch import SUPPORTED_MODEL_TYPES, apply_hisa, new_cache, warmup
 from .reference import dense_attention_reference, hisa_attention_reference, pool_keys
 
 __all__ = [
@@ -23,5 +23,6 @@ __all__ = [
     "override",
     "pool_keys",
     "track",
+    "warmup",
 ]
 __version__ = "0.1.0"

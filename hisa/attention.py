@@ -19,7 +19,6 @@ from .ops import backend_for, dense_crossover, hisa_attention, sdpa_dense
 from .reference import pool_keys
 
 ATTN_NAME = "hisa"
-DECODE_MAX_QUERIES = 16  # calls with at most this many queries are decode steps (or tiny chunks)
 
 _override: contextvars.ContextVar[dict | None] = contextvars.ContextVar("hisa_override", default=None)
 _stats: contextvars.ContextVar["AttentionStats | None"] = contextvars.ContextVar("hisa_stats", default=None)
@@ -138,8 +137,8 @@ def hisa_attention_forward(
         _count(stats, layer_idx, query.shape[0], q_len, kv_len, cfg.top_k if ran_sparse else None)
 
     if not sparse:
-        if query.is_cuda and q_len <= DECODE_MAX_QUERIES:
-            # decode: SDPA without its cuDNN backend, whose plan is rebuilt as the key length grows
+        if query.is_cuda:
+            # SDPA without its cuDNN backend, whose plan is rebuilt for every new length (ops.sdpa_dense)
             out = sdpa_dense(query, key, value, scale=scaling, mask=attention_mask)
             return out.transpose(1, 2).contiguous(), None
         if attention_mask is None and 1 < q_len < kv_len:

@@ -99,7 +99,9 @@ def sdpa_dense(q, k, v, *, scale=None, mask=None) -> torch.Tensor:
     Lq, Lk = q.shape[2], k.shape[2]
     mask = mask_to_bool(mask)
     kw = {"scale": scale, "enable_gqa": q.shape[1] != k.shape[1]}
-    if Lq <= EXACT_MAX_QUERIES and q.is_cuda:
+    if q.is_cuda:
+        # no cuDNN: its execution plan is keyed by the sequence lengths, and building one per new prompt
+        # length (every request of a server) or per decode step costs more than flash's gap to it
         with sdpa_kernel(_decode_backends()):
             return _sdpa(q, k, v, mask, kw)
     return _sdpa(q, k, v, mask, kw)
@@ -136,3 +138,40 @@ def hisa_attention(
         if q.shape[2] > EXACT_MAX_QUERIES:  # the kernels use per-query selection for short chunks
             return hisa_attention_tiled_reference(q, k, v, pooled, config, scale=scale, mask=mask)
     return hisa_attention_reference(q, k, v, pooled, config, scale=scale, mask=mask)
+
+
+def warmup(config: HisaConfig, *, num_heads: int, num_kv_heads: int, head_dim: int, max_len: int,
+           dtype=torch.bfloat16, device="cuda") -> list[int]:
+    """Compile the kernels ahead of time for every key length bucket up to ``max_len``.
+
+    Triton specialises some block sizes on the number of pooled blocks (rounded up to a power of two), so
+    the first call in each bucket compiles for a second or so. A server calls this at start-up so that no
+    user request pays for it. Runs one small prefill chunk (and a decode step where the decode kernels
+    run) on synthetic data per bucket; returns the key lengths used. A no-op without the kernels.
+    """
+    if not torch.device(device).type == "cuda" or _triton_backend() is None:
+        return []
+    from .kernels import EXACT_MAX_QUERIES  # noqa: PLC0415
+    from .reference import pool_keys  # noqa: PLC0415
+
+    lengths = []
+    n = max(config.block_size * 2, dense_crossover(EXACT_MAX_QUERIES + 1, head_dim))
+    while n < max_len:
+        lengths.append(n)
+        n *= 2
+    lengths.append(max_len)
+    g = torch.Generator(device=device).manual_seed(0)
+    for L in lengths:
+        if L <= config.top_k:
+            continue
+        k = torch.randn(1, num_kv_heads, L, head_dim, device=device, dtype=dtype, generator=g)
+        v = torch.randn_like(k)
+        pooled = pool_keys(k, config.block_size)
+        for q_len in (min(L, 4 * config.block_size), 1):
+            if L < dense_crossover(q_len, head_dim):
+                continue
+            q = torch.randn(1, num_heads, q_len, head_dim, device=device, dtype=dtype, generator=g)
+            _triton_backend().hisa_attention(q, k, v, pooled, config, scale=head_dim**-0.5)
+        del k, v, pooled
+    torch.cuda.synchronize(device)
+    return lengths

@@ -7,7 +7,7 @@ import inspect
 
 from transformers.cache_utils import DynamicCache
 
-from . import attention
+from . import attention, ops
 from .cache import HisaCache
 from .config import HisaConfig
 
@@ -102,3 +102,23 @@ def _install_cache_hooks(model) -> None:
         return result
 
     model._prepare_cache_for_generation = prepare
+
+
+def warmup(model, max_len: int) -> list[int]:
+    """Compile HISA's GPU kernels for a patched ``model`` for every context bucket up to ``max_len``
+    (see :func:`hisa.ops.warmup`); a no-op on CPU. Returns the key lengths warmed."""
+    cfg = getattr(model, "hisa_config", None)
+    if cfg is None:
+        raise ValueError("warmup needs a model patched with apply_hisa")
+    text = model.config.get_text_config(decoder=True)
+    heads = text.num_attention_heads
+    param = next(model.parameters())
+    return ops.warmup(
+        cfg,
+        num_heads=heads,
+        num_kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+        head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
+        max_len=max_len,
+        dtype=param.dtype,
+        device=param.device,
+    )

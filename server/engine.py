@@ -315,6 +315,14 @@ class Engine:
         runs = [(8, {})]
         if not self.slow_sparse_path and self.hisa_config.enabled and n_sparse > self.hisa_config.top_k:
             runs.append((n_sparse, {"min_context": 0}))
+        if len(runs) > 1:  # compile the kernels for every context-length bucket up to max_model_len
+            t0 = time.monotonic()
+            try:
+                lengths = hisa.warmup(self.model, self.max_model_len)
+                log.info("HISA kernels warmed up for %d context buckets in %.1f s", len(lengths),
+                         time.monotonic() - t0)
+            except Exception:  # noqa: BLE001 - a failed warm-up only costs first-request latency
+                log.exception("HISA kernel warm-up failed; kernels will compile on first use")
         for n, overrides in runs:
             cache = hisa.new_cache(self.model, max_cache_len=n + 8)
             try:

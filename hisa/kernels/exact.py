@@ -44,7 +44,7 @@ def _load_selector(Q, b, u, i, sqb, sqh, sqt, SG, D, SGP: tl.constexpr, DP: tl.c
     return tl.sum(q, 0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Lq", "NB"])
 def _block_scores(
     Q, P, S, sqb, sqh, sqt, spb, sph, spn, ss,
     NSEL, Lq, SG, G, NB, D,
@@ -65,7 +65,7 @@ def _block_scores(
     tl.store(S + row.to(tl.int64) * ss + n, s, mask=n < NB)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Lq", "q_start", "Lk"])
 def _token_scores(
     Q, K, BLK, S, MASK,
     sqb, sqh, sqt, skb, skh, skt, sblk, ss, smb, smq, smk,
@@ -98,7 +98,7 @@ def _token_scores(
     tl.store(S + row.to(tl.int64) * ss + slot * bs + within, s, mask=in_range)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Lq", "q_start"])
 def _stage1_select(
     Q, P, BLK, sqb, sqh, sqt, spb, sph, spn,
     NSEL, Lq, SG, G, D, q_start, bs, TB,
@@ -132,7 +132,7 @@ def _stage1_select(
     _select_core(x, offs, TB, BLK + row.to(tl.int64) * TB, offs, BLOCK, KP, RADIX)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Lq", "q_start", "Lk"])
 def _stage2_select(
     Q, K, BLK, IDX, MASK, sqb, sqh, sqt, skb, skh, skt, smb, smq, smk,
     NSEL, Lq, SG, G, D, q_start, Lk, bs, TB, TK, scale,
@@ -173,7 +173,7 @@ def _stage2_select(
     _select_core(x, j, TK, IDX + row.to(tl.int64) * TK, tok, BLOCK, KP, RADIX)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Lq", "n_idx", "chunk"])
 def _sparse_attn(
     Q, K, V, IDX, O, PO, PM, PL,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, sidx,
@@ -225,7 +225,7 @@ def _sparse_attn(
         tl.store(PO + (base + g[:, None]) * DP + d[None, :], acc)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Lq"])
 def _combine(
     O, PO, PM, PL, sob, soh, sot, NSEL, Lq, SG, D, NSPLIT,
     MP: tl.constexpr, DP: tl.constexpr, SPLITP: tl.constexpr,

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["start", "t", "length", "b0"])
 def _update_pooled(
     PS, PM, KEYS, sps_bh, sps_n, spm_bh, spm_n, sk_b, sk_h, sk_t, H, start, t, length, bs, b0, D,
     BSP: tl.constexpr, DP: tl.constexpr,

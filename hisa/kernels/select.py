@@ -68,7 +68,7 @@ def _select_core(x, offs, K, OUT_ROW, val, BLOCK: tl.constexpr, KP: tl.constexpr
     tl.store(OUT_ROW + pad, tl.full([KP], -1, tl.int32), mask=pad < K)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "pos0", "L_inner", "nvis_bs"])
 def _select_kernel(
     S, stride_s, N, K, OUT, stride_o,
     MAP, stride_map, map_bs,

@@ -26,7 +26,7 @@ from .select import topk_select
 _LOG2E = 1.4426950408889634
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NT", "t_first", "q_start", "Lq", "Lk"])
 def _tile_attn(
     Q, K, V, BLK, O, MASK,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, smb, smq, smk,
