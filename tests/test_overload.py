@@ -232,3 +232,29 @@ def test_out_of_memory_is_reported_and_freed(server, reference, fault_file, phas
         print(f"\nOOM during {phase} ({'stream' if stream else 'non-stream'}): {r.status_code} {err['code']}; "
               f"RSS {rss0 / 2**20:.1f} MiB before, {growth / 2**20:+.1f} MiB after")
         assert growth < 64 << 20, f"RSS grew by {growth / 2**20:.1f} MiB across an OOM"
+
+
+@pytest.mark.parametrize("max_queue,max_seqs", [(0, 1), (2, 1), (1, 3)])
+def test_queue_capacity_is_slots_plus_queue(max_queue, max_seqs):
+    """Admission control alone (no model): with nothing running, ``max_num_seqs + max_queue`` requests are
+    accepted even before the worker has admitted any of them, the next one is refused with 503 at once;
+    ``--max-queue 0`` means "no waiting", not "refuse everything"."""
+    from server.engine import Engine, EngineConfig, GenRequest, Job  # noqa: PLC0415
+    from server.errors import APIError  # noqa: PLC0415
+    from server.sampling import SamplingParams  # noqa: PLC0415
+
+    engine = Engine(EngineConfig(max_queue=max_queue, max_num_seqs=max_seqs))
+    engine.ready.set()  # the worker is not started: nothing leaves the queue
+    loop = asyncio.new_event_loop()
+    try:
+        reqs = [GenRequest([Job([1, 2, 3], 0)], SamplingParams(max_tokens=4), loop)
+                for _ in range(max_queue + max_seqs)]
+        for req in reqs:
+            engine.submit(req)
+        with pytest.raises(APIError) as e:
+            engine.submit(GenRequest([Job([1], 0)], SamplingParams(max_tokens=4), loop))
+        assert e.value.status == 503 and e.value.code == "queue_full" and int(e.value.headers["Retry-After"]) >= 1
+        engine.abort(reqs[0])  # a client gone while waiting frees its place
+        engine.submit(GenRequest([Job([1], 0)], SamplingParams(max_tokens=4), loop))
+    finally:
+        loop.close()
