@@ -14,7 +14,7 @@ warm-up.
 
 Knobs (env): HISA_STRESS_CANCELS (200), HISA_STRESS_NORMAL (100), HISA_STRESS_CONCURRENCY (8),
 HISA_STRESS_SEED (0), HISA_STRESS_MODEL (a model folder; default: a tiny random Llama),
-HISA_STRESS_DEVICE (cpu), HISA_STRESS_REPORT (a path: the figures are also written there as JSON).
+HISA_STRESS_DEVICE (the server's default: cuda when available), HISA_STRESS_REPORT (a path: the figures are also written there as JSON).
 """
 
 from __future__ import annotations
@@ -54,17 +54,35 @@ def rss_bytes(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
+def server_on_cuda() -> bool:
+    """The server's device: HISA_STRESS_DEVICE, else its default (CUDA when this machine has it)."""
+    device = os.environ.get("HISA_STRESS_DEVICE")
+    if device:
+        return device.startswith("cuda")
+    import torch  # noqa: PLC0415
+
+    return torch.cuda.is_available()
+
+
 def gpu_bytes(pid: int) -> int | None:
-    """GPU memory of ``pid`` from nvidia-smi (None without a GPU)."""
-    if not shutil.which("nvidia-smi"):
+    """GPU memory of ``pid`` from nvidia-smi; when the process is not listed (PID namespaces in containers),
+    the memory used on the card (the stress server is then its only user). None for a CPU server."""
+    if not server_on_cuda():
         return None
-    out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-                         capture_output=True, text=True, timeout=30).stdout
+    if not shutil.which("nvidia-smi"):
+        pytest.fail("HISA_STRESS_DEVICE is cuda but nvidia-smi is missing: cannot check GPU memory")
+
+    def query(what: str) -> str:
+        return subprocess.run(["nvidia-smi", f"--query-{what}", "--format=csv,noheader,nounits"],
+                              capture_output=True, text=True, timeout=30).stdout
+
     total = None
-    for line in out.splitlines():
+    for line in query("compute-apps=pid,used_memory").splitlines():
         p, _, mib = line.partition(",")
         if p.strip() == str(pid):
             total = (total or 0) + int(mib.strip()) * 2**20
+    if total is None:
+        total = int(query("gpu=memory.used").split()[0]) * 2**20
     return total
 
 
@@ -286,6 +304,6 @@ def test_disconnect_storm(server):
         with open(os.environ["HISA_STRESS_REPORT"], "w") as f:
             json.dump(figures, f, indent=1)
     assert rss_after - rss_base <= RSS_MARGIN + 0.05 * rss_base, figures
-    if gpu_base is not None and gpu_after is not None:
+    if server_on_cuda():
         assert gpu_after - gpu_base <= GPU_MARGIN, figures
     assert "Traceback" not in server.logs()
