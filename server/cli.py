@@ -11,8 +11,13 @@ import sys
 ENV_PREFIX = "HISA_"
 
 
+def env_name(name: str) -> str:
+    """``max-model-len`` -> ``HISA_MAX_MODEL_LEN``; ``hisa-top-k`` -> ``HISA_TOP_K`` (no doubled prefix)."""
+    return ENV_PREFIX + name.removeprefix("hisa-").upper().replace("-", "_")
+
+
 def _env(name: str):
-    return os.environ.get(ENV_PREFIX + name.upper().replace("-", "_"))
+    return os.environ.get(env_name(name))
 
 
 def _bool_env(name: str) -> bool:
@@ -85,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         kwargs = dict(kwargs)
         name = flag[2:]
         env = _env(name)
-        kwargs["help"] = kwargs.get("help", "") + f" [env {ENV_PREFIX}{name.upper().replace('-', '_')}]"
+        kwargs["help"] = kwargs.get("help", "") + f" [env {env_name(name)}]"
         if kwargs.get("action") == "store_true":
             kwargs["default"] = _bool_env(name)
         elif env is not None:
@@ -96,9 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                 try:
                     kwargs["default"] = conv(env)
                 except (argparse.ArgumentTypeError, ValueError) as e:
-                    parser.error(f"{ENV_PREFIX}{name.upper().replace('-', '_')}={env!r}: {e}")
+                    parser.error(f"{env_name(name)}={env!r}: {e}")
                 if "choices" in kwargs and kwargs["default"] not in kwargs["choices"]:
-                    parser.error(f"{ENV_PREFIX}{name.upper().replace('-', '_')}={env!r}: choose from "
+                    parser.error(f"{env_name(name)}={env!r}: choose from "
                                  f"{', '.join(kwargs['choices'])}")
         parser.add_argument(flag, **kwargs)
     return parser
