@@ -258,3 +258,21 @@ def test_queue_capacity_is_slots_plus_queue(max_queue, max_seqs):
         engine.submit(GenRequest([Job([1], 0)], SamplingParams(max_tokens=4), loop))
     finally:
         loop.close()
+
+
+def test_non_streamed_client_gone_is_cancelled(server, reference):
+    """A non-streamed request whose client gives up (timeout) is cancelled within about a second, not
+    computed to the end for nobody, and the server serves the next request correctly."""
+    cancelled0 = metric(server, "hisa_request_aborted_total", reason="cancelled")
+    t0 = time.monotonic()
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server.url + "/v1/completions", json=body(PROMPTS[1], 1000 - 16), timeout=1.0)
+    deadline = time.monotonic() + 15
+    while metric(server, "hisa_request_aborted_total", reason="cancelled") < cancelled0 + 1:
+        assert time.monotonic() < deadline, "the abandoned request was not cancelled"
+        time.sleep(0.05)
+    gone_after = time.monotonic() - t0
+    assert metric(server, "hisa_num_requests_running") == 0 and metric(server, "hisa_kv_cache_bytes") == 0
+    r = httpx.post(server.url + "/v1/completions", json=body(PROMPTS[1], SHORT), timeout=120)
+    assert r.json()["choices"][0]["text"] == reference[PROMPTS[1], SHORT]
+    print(f"\nnon-streamed client gone: cancelled {gone_after:.1f} s after it was sent (client timeout 1 s)")
