@@ -75,7 +75,10 @@ def main() -> int:
                 break
         except httpx.HTTPError:
             pass
-        if time.monotonic() > deadline:
+        if app.state.engine.load_error is not None:
+            print(f"the model failed to load (under the cap?): {app.state.engine.load_error!r}", file=sys.stderr)
+            return 1
+        if time.monotonic() > deadline or not thread.is_alive():
             print("server not ready", file=sys.stderr)
             return 1
         time.sleep(0.5)
