@@ -496,18 +496,33 @@ class Engine:
         self.ready.set()
         with torch.inference_mode():
             while True:
-                with self._cv:
-                    while not self._stop and not self._waiting and not self._active:
-                        self._cv.wait(1.0)
-                    if self._stop:
-                        break
-                    admitted = self._admit()
-                if admitted:
-                    self._set_memory_gauges()
-                for seq in list(self._active):
-                    self._step_safely(seq)
+                try:
+                    with self._cv:
+                        while not self._stop and not self._waiting and not self._active:
+                            self._cv.wait(1.0)
+                        if self._stop:
+                            break
+                        admitted = self._admit()
+                    if admitted:
+                        self._set_memory_gauges()
+                    for seq in list(self._active):
+                        self._step_safely(seq)
+                except Exception:  # noqa: BLE001 - the worker must survive: fail what was running, go on
+                    log.exception("engine loop error; failing the running requests")
+                    self._fail_active()
         for seq in list(self._active):
             self._drop(seq)
+
+    def _fail_active(self) -> None:
+        for seq in list(self._active):
+            try:
+                self._drop(seq)
+                self._end_request(seq.req, error=APIError("internal error in the generation engine", status=500,
+                                                          type="server_error", code="internal_error"))
+            except Exception:  # noqa: BLE001
+                log.exception("could not fail request %s cleanly", seq.req.id)
+                if seq in self._active:
+                    self._active.remove(seq)
 
     def _admit(self) -> bool:
         """Move waiting requests to running, FIFO, while sequences and the KV budget allow (called with

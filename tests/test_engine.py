@@ -367,3 +367,30 @@ def test_cancel_inside_a_prefill_chunk(model_dir):
         assert len(out[0]) == 12
     finally:
         e.shutdown()
+
+
+def test_engine_loop_survives_an_internal_error(model_dir, monkeypatch):
+    """An exception outside a request's own step (here: in admission) fails the running requests with a
+    500-class error instead of killing the worker thread; the next request is served normally."""
+    engine = make_engine(model_dir, prefill_chunk=64, prefix_cache_tokens=0)
+    try:
+        params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+        expected, _, _ = run(engine, [[5, 6, 7, 8]], params)
+        original = engine._admit
+        calls = {"n": 0}
+
+        def broken_once():
+            calls["n"] += 1
+            if calls["n"] == 2:  # admits the request, then fails before its first step
+                original()
+                raise RuntimeError("boom")
+            return original()
+
+        monkeypatch.setattr(engine, "_admit", broken_once)
+        with pytest.raises(Exception, match="internal error"):
+            run(engine, [[5, 6, 7, 8]], params)
+        again, _, _ = run(engine, [[5, 6, 7, 8]], params)
+        assert again == expected
+        assert not engine._active
+    finally:
+        engine.shutdown()
