@@ -25,6 +25,8 @@ import threading
 import time
 from urllib.parse import urlsplit, urlunsplit
 
+from .cli import _positive_int  # the same flag type as hisa-serve (cli.py imports nothing heavy)
+
 DEFAULT_URL = "http://127.0.0.1:8000/v1"
 SYSTEM_PROMPT = ("You answer questions about the document the user gives you. Base your answer on the document; "
                  "if it does not contain the answer, say so.")
@@ -379,16 +381,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds to wait for a server that is still loading its model (default 300)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress or summary on stderr (errors only)")
     return p
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def main(argv: list[str] | None = None) -> int:
