@@ -132,6 +132,8 @@ def main(argv=None) -> int:
     p.add_argument("--text", type=Path, default=CORPUS)
     p.add_argument("--length", type=int, default=8192, help="window length in tokens (default 8192)")
     p.add_argument("--windows", type=int, default=1, help="windows per setting (default 1)")
+    p.add_argument("--skip-windows", type=int, default=0,
+                   help="start at this window of the evenly spread set (to add windows with a second process)")
     p.add_argument("--grid", choices=["quick", "full"], default="full")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "quality.json")
     p.add_argument("--resume", action="store_true", help="skip the runs already in --out")
@@ -150,7 +152,7 @@ def main(argv=None) -> int:
     model, tok = load_model(args.model, device="cpu", dtype="float32")
     ids = tok(args.text.read_text(encoding="utf-8"), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
     # skip the front matter (title page, contents) of the book: start windows 2% in
-    windows = text_windows(ids[len(ids) // 50 :], args.length, args.windows)
+    windows = text_windows(ids[len(ids) // 50 :], args.length, args.windows + args.skip_windows)[args.skip_windows :]
     state = {"model": args.model, "text": str(args.text), "length": args.length, "runs": []}
     if args.resume and args.out.is_file():
         state = json.loads(args.out.read_text())
@@ -159,7 +161,7 @@ def main(argv=None) -> int:
 
     dense_cache: dict = {}
     for run in grid(args.grid, args.length):
-        key = run_key(run, args.length, len(windows))
+        key = run_key(run, args.length, len(windows)) + (f"|skip{args.skip_windows}" if args.skip_windows else "")
         if key in done:
             continue
         cfg = HisaConfig(**run["config"])
@@ -170,7 +172,7 @@ def main(argv=None) -> int:
         res = evaluate_windows(model, windows, cfg, dense_cache=dense_cache, sparse_context=ctx)
         secs = time.perf_counter() - t0
         entry = {"key": key, "method": run["method"], "config": cfg.to_dict(), "length": args.length,
-                 "windows": len(windows), "result": res, "seconds": secs,
+                 "windows": len(windows), "first_window": args.skip_windows, "result": res, "seconds": secs,
                  "includes_dense_forward": len(dense_cache) > dense_before}
         state["runs"].append(entry)
         args.out.write_text(json.dumps(state, indent=1) + "\n")
