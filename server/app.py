@@ -372,14 +372,16 @@ def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAP
                                                 "X-Accel-Buffering": "no"})
         return await chat_full(req, request, body, {**base, "object": "chat.completion"})
 
-    async def chat_stream(req: GenRequest, request: Request, body: ChatCompletionRequest, base: dict):
+    async def stream_events(req: GenRequest, body, base: dict, prologue: list[str], on_delta):
+        """The SSE body shared by both streaming routes: ``prologue`` chunks, then keep-alive comments and
+        (on request) progress chunks during prefill, ``on_delta(ev, usage_field)`` chunks for generated text,
+        the usage chunk, and ``[DONE]``; an engine failure becomes an error event. Leaving early (client gone)
+        aborts the request."""
         usage_field = {"usage": None} if body.include_usage else {}
         want_progress = bool(body.hisa and body.hisa.progress)
-        pending_lp: dict[int, list] = {}
         try:
-            for i in range(body.n):
-                yield json.dumps({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                        "logprobs": None, "finish_reason": None}], **usage_field})
+            for chunk in prologue:
+                yield chunk
             while True:
                 ev = await req.events.get()
                 if isinstance(ev, Progress):
@@ -387,18 +389,8 @@ def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAP
                     if want_progress:
                         yield json.dumps(progress_chunk({**base, **usage_field}, ev))
                 elif isinstance(ev, Delta):
-                    if body.logprobs:
-                        pending_lp.setdefault(ev.index, []).extend(chat_logprob_entries(ev))
-                    if ev.text:
-                        lp = {"content": pending_lp.pop(ev.index, [])} if body.logprobs else None
-                        yield json.dumps({**base, "choices": [{"index": ev.index, "delta": {"content": ev.text},
-                                                               "logprobs": lp, "finish_reason": None}],
-                                          **usage_field})
-                    if ev.finish_reason:
-                        lp = pending_lp.pop(ev.index, None)
-                        yield json.dumps({**base, "choices": [{"index": ev.index, "delta": {},
-                                                               "logprobs": {"content": lp} if lp else None,
-                                                               "finish_reason": ev.finish_reason}], **usage_field})
+                    for chunk in on_delta(ev, usage_field):
+                        yield chunk
                 elif isinstance(ev, Done):
                     if body.include_usage:
                         yield json.dumps({**base, "choices": [], "usage": ev.usage})
@@ -411,6 +403,30 @@ def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAP
         finally:
             if not req.finished:
                 engine.abort(req)
+
+    def chat_stream(req: GenRequest, request: Request, body: ChatCompletionRequest, base: dict):
+        usage_field = {"usage": None} if body.include_usage else {}
+        pending_lp: dict[int, list] = {}
+        prologue = [json.dumps({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                      "logprobs": None, "finish_reason": None}], **usage_field})
+                    for i in range(body.n)]
+
+        def on_delta(ev: Delta, usage_field: dict) -> list[str]:
+            out = []
+            if body.logprobs:
+                pending_lp.setdefault(ev.index, []).extend(chat_logprob_entries(ev))
+            if ev.text:
+                lp = {"content": pending_lp.pop(ev.index, [])} if body.logprobs else None
+                out.append(json.dumps({**base, "choices": [{"index": ev.index, "delta": {"content": ev.text},
+                                                            "logprobs": lp, "finish_reason": None}], **usage_field}))
+            if ev.finish_reason:
+                lp = pending_lp.pop(ev.index, None)
+                out.append(json.dumps({**base, "choices": [{"index": ev.index, "delta": {},
+                                                            "logprobs": {"content": lp} if lp else None,
+                                                            "finish_reason": ev.finish_reason}], **usage_field}))
+            return out
+
+        return stream_events(req, body, base, prologue, on_delta)
 
     async def chat_full(req: GenRequest, request: Request, body: ChatCompletionRequest, base: dict):
         texts = {i: [] for i in range(body.n)}
@@ -497,43 +513,27 @@ def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAP
             offset += len(t)
         return out
 
-    async def completion_stream(req: GenRequest, body: CompletionRequest, base: dict, count: int, echo: dict):
+    def completion_stream(req: GenRequest, body: CompletionRequest, base: dict, count: int, echo: dict):
         usage_field = {"usage": None} if body.include_usage else {}
-        want_progress = bool(body.hisa and body.hisa.progress)
         pending: dict[int, list] = {}
         offsets = {i: len(echo.get(i, "")) for i in range(count)}
-        try:
-            for i, text in echo.items():
-                yield json.dumps({**base, "choices": [{"index": i, "text": text, "logprobs": None,
-                                                        "finish_reason": None}], **usage_field})
-            while True:
-                ev = await req.events.get()
-                if isinstance(ev, Progress):
-                    yield ServerSentEvent(comment=f"prefill {ev.processed}/{ev.total}")
-                    if want_progress:
-                        yield json.dumps(progress_chunk({**base, **usage_field}, ev))
-                elif isinstance(ev, Delta):
-                    if body.logprobs is not None:
-                        pending.setdefault(ev.index, []).append((ev.token, ev.sample))
-                    if ev.text or ev.finish_reason:
-                        lp = None
-                        if body.logprobs is not None:
-                            lp = completion_logprobs(pending.pop(ev.index, []), offsets[ev.index])
-                        offsets[ev.index] += len(ev.text)
-                        yield json.dumps({**base, "choices": [{"index": ev.index, "text": ev.text, "logprobs": lp,
-                                                               "finish_reason": ev.finish_reason}], **usage_field})
-                elif isinstance(ev, Done):
-                    if body.include_usage:
-                        yield json.dumps({**base, "choices": [], "usage": ev.usage})
-                    yield "[DONE]"
-                    return
-                elif isinstance(ev, Failed):
-                    yield json.dumps(ev.error.body())
-                    yield "[DONE]"
-                    return
-        finally:
-            if not req.finished:
-                engine.abort(req)
+        prologue = [json.dumps({**base, "choices": [{"index": i, "text": text, "logprobs": None,
+                                                      "finish_reason": None}], **usage_field})
+                    for i, text in echo.items()]
+
+        def on_delta(ev: Delta, usage_field: dict) -> list[str]:
+            if body.logprobs is not None:
+                pending.setdefault(ev.index, []).append((ev.token, ev.sample))
+            if not (ev.text or ev.finish_reason):
+                return []
+            lp = None
+            if body.logprobs is not None:
+                lp = completion_logprobs(pending.pop(ev.index, []), offsets[ev.index])
+            offsets[ev.index] += len(ev.text)
+            return [json.dumps({**base, "choices": [{"index": ev.index, "text": ev.text, "logprobs": lp,
+                                                     "finish_reason": ev.finish_reason}], **usage_field})]
+
+        return stream_events(req, body, base, prologue, on_delta)
 
     async def completion_full(req, request, body: CompletionRequest, base: dict, count: int, echo: dict):
         texts = {i: [echo.get(i, "")] for i in range(count)}
