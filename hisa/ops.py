@@ -102,6 +102,12 @@ def sdpa_dense(q, k, v, *, scale=None, mask=None) -> torch.Tensor:
     if q.is_cuda:
         # no cuDNN: its execution plan is keyed by the sequence lengths, and building one per new prompt
         # length (every request of a server) or per decode step costs more than flash's gap to it
+        if Lq > EXACT_MAX_QUERIES and kw["enable_gqa"]:
+            # prefill: expand K/V to every query head so flash / memory-efficient attention qualify
+            # whatever their GQA support (a math fallback would materialise Lq x Lk scores)
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            kw["enable_gqa"] = False
         with sdpa_kernel(_decode_backends()):
             return _sdpa(q, k, v, mask, kw)
     return _sdpa(q, k, v, mask, kw)
