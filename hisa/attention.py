@@ -15,7 +15,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import causal_mask_function, sdpa_mask
 
 from .config import HisaConfig
-from .ops import backend_for, dense_crossover, hisa_attention, sdpa_dense
+from .ops import hisa_attention, kernels_prefer_dense, sdpa_dense
 from .reference import pool_keys
 
 ATTN_NAME = "hisa"
@@ -127,14 +127,11 @@ def hisa_attention_forward(
         and kv_len > cfg.top_k  # otherwise every query keeps all it sees: dense is exact
         and kv_len >= cfg.min_context
         and not module.training
+        and not kernels_prefer_dense(query, kv_len)  # below the kernels' measured crossover dense is faster
     )
     stats = _stats.get()
     if stats is not None:
-        # count what really runs: below the kernels' measured crossover, ops.hisa_attention runs dense SDPA
-        ran_sparse = sparse and not (
-            backend_for(query) == "triton" and kv_len < dense_crossover(q_len, query.shape[3])
-        )
-        _count(stats, layer_idx, query.shape[0], q_len, kv_len, cfg.top_k if ran_sparse else None)
+        _count(stats, layer_idx, query.shape[0], q_len, kv_len, cfg.top_k if sparse else None)
 
     if not sparse:
         if query.is_cuda:

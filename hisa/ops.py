@@ -75,6 +75,12 @@ def dense_crossover(q_len: int, head_dim: int = 64) -> int:
     return int(os.environ.get("HISA_DENSE_BELOW", DENSE_BELOW_PREFILL[col]))
 
 
+def kernels_prefer_dense(q: torch.Tensor, kv_len: int) -> bool:
+    """Whether a call with these queries over ``kv_len`` keys runs dense SDPA on the Triton backend
+    because it is below the measured crossover (the one place this decision is made)."""
+    return backend_for(q) == "triton" and kv_len < dense_crossover(q.shape[2], q.shape[3])
+
+
 _NO_CUDNN = None
 
 
@@ -132,10 +138,10 @@ def hisa_attention(
     scale: float | None = None,
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    if kernels_prefer_dense(q, k.shape[2]):
+        return sdpa_dense(q, k, v, scale=scale, mask=mask)
     backend = backend_for(q)
     if backend == "triton":
-        if k.shape[2] < dense_crossover(q.shape[2], q.shape[3]):
-            return sdpa_dense(q, k, v, scale=scale, mask=mask)
         return _triton_backend().hisa_attention(q, k, v, pooled, config, scale=scale, mask=mask)
     if backend == "reference_tiled":
         from .kernels import EXACT_MAX_QUERIES  # noqa: PLC0415
