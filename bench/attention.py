@@ -198,6 +198,20 @@ def decode_case(L, D, cfg, dtype, results, nsets=4):
         row["variants"][f"fused={fused},radix={radix}"] = {
             "eager_ms": bench(rot(h)), "graph_ms": graph_time([lambda s=s: h(*s) for s in sets])}
     exact.FUSED, exact.RADIX_SELECT, select.RADIX_SELECT = True, True, True
+    # the graph-recordable decode (what hisa.DecodeStep replays in the server): length in device memory
+    length = torch.full((1,), L, dtype=torch.int32, device="cuda")
+    for sparse in (True, False):
+        st = lambda q, k, v, p, sparse=sparse: kernels.decode_static(q, k, v, p, length, cfg, sparse=sparse)  # noqa: E731
+        st(*sets[0])
+        name = "static_sparse" if sparse else "static_dense"
+        row[f"{name}_graph_ms"] = graph_time([lambda s=s, st=st: st(*s) for s in sets])
+        q, k, v, p = sets[0]
+        ref = (hisa_attention_reference(q.float(), k.float(), v.float(), p, cfg) if sparse
+               else sdpa(q.float(), k.float(), v.float(), SDPBackend.MATH, False))
+        row[f"{name}_err"] = rel(st(q, k, v, p), ref)
+    if flg:
+        row["static_sparse_vs_flash"] = flg / row["static_sparse_graph_ms"]
+        row["static_dense_vs_flash"] = flg / row["static_dense_graph_ms"]
     # host cost of issuing one call (what an eager decode step pays per layer)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -276,6 +290,16 @@ def main(argv=None):
                   f"{fmt(r.get('flash_graph_ms'), '{:.4f}')} (eager {fmt(r.get('flash_ms'), '{:.4f}')}) | "
                   f"{r['hisa_graph_ms']:.4f} (eager {r['hisa_ms']:.4f}) | {fmt(r['graph_speedup_vs_flash'], '{:.2f}')}x "
                   f"(eager {fmt(r['speedup_vs_flash'], '{:.2f}')}x) | {r['hisa_GBps']:.0f} GB/s | {r['err_vs_spec']:.1e} |")
+    dec = [r for r in results if r["phase"] == "decode"]
+    if dec:
+        print("\nGraph-recordable decode (hisa.DecodeStep's kernels), CUDA-graph replays, ms per layer call:")
+        print("| D | ctx | flash ms | static dense ms (vs flash) | static HISA ms (vs flash) | err dense / HISA |")
+        print("|---|---|---|---|---|---|")
+        for r in dec:
+            print(f"| {r['D']} | {r['L'] // 1024}k | {fmt(r.get('flash_graph_ms'), '{:.4f}')} | "
+                  f"{r['static_dense_graph_ms']:.4f} ({fmt(r.get('static_dense_vs_flash'), '{:.2f}')}x) | "
+                  f"{r['static_sparse_graph_ms']:.4f} ({fmt(r.get('static_sparse_vs_flash'), '{:.2f}')}x) | "
+                  f"{r['static_dense_err']:.1e} / {r['static_sparse_err']:.1e} |")
 
 
 if __name__ == "__main__":

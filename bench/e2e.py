@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hisa import HisaConfig, apply_hisa, new_cache  # noqa: E402
+from hisa import DecodeStep, HisaConfig, apply_hisa, new_cache  # noqa: E402
 from hisa.patch import _cache_kwarg  # noqa: E402
 
 
@@ -50,7 +50,7 @@ def _sync_time():
 
 
 @torch.no_grad()
-def run_one(model, ids, make_cache, steps, reps=2, decode_flash=False):
+def run_one(model, ids, make_cache, steps, reps=2, decode_flash=False, stepper=None):
     ttfts = []
     for _ in range(reps):  # TTFT: best of ``reps`` prefills, each into a fresh cache
         cache = None
@@ -66,17 +66,28 @@ def run_one(model, ids, make_cache, steps, reps=2, decode_flash=False):
     times = []
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    first = None
     for i in range(steps + 2):
         a = _sync_time()
-        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]) if decode_flash else contextlib.nullcontext():
-            out = model(nxt, use_cache=True, logits_to_keep=1, **kw)
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        if stepper is not None:  # the engine's decode: CUDA-graph replay, one host sync per token
+            nxt = stepper(nxt.view(-1), cache).argmax(-1, keepdim=True)
+            nxt.cpu()
+        else:
+            with sdpa_kernel([SDPBackend.FLASH_ATTENTION]) if decode_flash else contextlib.nullcontext():
+                out = model(nxt, use_cache=True, logits_to_keep=1, **kw)
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         b = _sync_time()
+        if i == 0:
+            first = b - a  # includes recording the CUDA graph for graph modes
         if i >= 2:
             times.append(b - a)
     times.sort()
-    return {"ttft_s": ttft, "decode_ms": 1000 * times[len(times) // 2],
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    r = {"ttft_s": ttft, "decode_ms": 1000 * times[len(times) // 2], "first_step_ms": 1000 * first,
+         "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    if stepper is not None:
+        r["graph_replays"] = stepper.replays
+        r["graph_failed"] = stepper.failed
+    return r
 
 
 def main(argv=None):
@@ -85,8 +96,10 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--top-blocks", type=int, default=None)
     ap.add_argument("--top-k", type=int, default=None)
-    ap.add_argument("--modes", default="dense,dense-flash,hisa",
-                    help="dense = stock SDPA; dense-flash = stock SDPA with decode pinned to the flash backend")
+    ap.add_argument("--modes", default="dense,dense-flash,hisa,dense-graph,hisa-graph",
+                    help="dense = stock SDPA; dense-flash = stock SDPA with decode pinned to the flash backend; "
+                    "hisa = apply_hisa, decode through model(); dense-graph / hisa-graph = apply_hisa with HISA "
+                    "off / on, decode through hisa.DecodeStep (CUDA graphs, as the server decodes)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     from transformers import DynamicCache
@@ -102,15 +115,20 @@ def main(argv=None):
     prompts = {L: torch.randint(0, 128256, (1, L), generator=g).cuda() for L in ctxs}
     warm = torch.randint(0, 128256, (1, 20000), generator=g).cuda()
     results = {}
-    modes = args.modes.split(",")
+    order = ["dense", "dense-flash", "hisa", "dense-graph", "hisa-graph"]  # stock modes before apply_hisa
+    modes = sorted(args.modes.split(","), key=order.index)
     for mode in modes:
-        if mode == "hisa":
-            apply_hisa(model, hcfg)
-        mk = (lambda L: new_cache(model, L + args.steps + 8)) if mode == "hisa" else (lambda L: DynamicCache())
+        stepper = None
+        if mode in ("hisa", "hisa-graph", "dense-graph"):
+            apply_hisa(model, hcfg.replace(enabled=False) if mode == "dense-graph" else hcfg)
+            if mode.endswith("graph"):
+                stepper = DecodeStep(model)
+        patched = mode not in ("dense", "dense-flash")
+        mk = (lambda L: new_cache(model, L + args.steps + 8)) if patched else (lambda L: DynamicCache())
         flash = mode == "dense-flash"
-        run_one(model, warm, lambda: mk(warm.shape[1]), 2, reps=1, decode_flash=flash)  # warm-up
+        run_one(model, warm, lambda: mk(warm.shape[1]), 2, reps=1, decode_flash=flash, stepper=stepper)  # warm-up
         for L in ctxs:
-            r = run_one(model, prompts[L], lambda L=L: mk(L), args.steps, decode_flash=flash)
+            r = run_one(model, prompts[L], lambda L=L: mk(L), args.steps, decode_flash=flash, stepper=stepper)
             results.setdefault(L, {})[mode] = r
             print(json.dumps({"mode": mode, "L": L, **r}), flush=True)
             torch.cuda.empty_cache()

@@ -7,11 +7,13 @@
 from .attention import AttentionStats, override, track
 from .cache import HisaCache, HisaLayer
 from .config import HisaConfig
+from .graph import DecodeStep
 from .patch import SUPPORTED_MODEL_TYPES, apply_hisa, new_cache, warmup
 from .reference import dense_attention_reference, hisa_attention_reference, pool_keys
 
 __all__ = [
     "AttentionStats",
+    "DecodeStep",
     "HisaCache",
     "HisaConfig",
     "HisaLayer",

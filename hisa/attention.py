@@ -15,7 +15,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import causal_mask_function, sdpa_mask
 
 from .config import HisaConfig
-from .ops import hisa_attention, kernels_prefer_dense, sdpa_dense
+from .ops import decode_static, hisa_attention, kernels_prefer_dense, sdpa_dense, static_prefers_dense
 from .reference import pool_keys
 
 ATTN_NAME = "hisa"
@@ -85,6 +85,34 @@ def effective_config(base: HisaConfig) -> HisaConfig:
     return cfg
 
 
+def sparse_for(cfg: HisaConfig, layer_idx, query: torch.Tensor, kv_len: int, *, static: bool = False) -> bool:
+    """Whether a call of ``query`` over ``kv_len`` keys in layer ``layer_idx`` runs sparse attention
+    (``static``: a graph-recorded decode step, whose dense/sparse crossover differs)."""
+    if not (cfg.enabled and layer_idx not in cfg.dense_layers and kv_len > cfg.top_k and kv_len >= cfg.min_context):
+        return False  # below top_k every query keeps all it sees: dense is exact
+    if static:
+        return not static_prefers_dense(query, kv_len)
+    return not kernels_prefer_dense(query, kv_len)  # below the kernels' measured crossover dense is faster
+
+
+@contextlib.contextmanager
+def untracked():
+    """Calls inside this block are not counted by an enclosing :func:`track` (warm-ups, recordings)."""
+    token = _stats.set(None)
+    try:
+        yield
+    finally:
+        _stats.reset(token)
+
+
+def count(layer_idx, batch: int, q_len: int, kv_len: int, budget: int | None) -> None:
+    """Add one attention call to the enclosing :func:`track` block, if any (for calls that bypass the
+    attention function, e.g. CUDA-graph replays)."""
+    stats = _stats.get()
+    if stats is not None:
+        _count(stats, layer_idx, batch, q_len, kv_len, budget)
+
+
 def _count(stats: AttentionStats, layer_idx, batch: int, q_len: int, kv_len: int, budget: int | None) -> None:
     start = kv_len - q_len  # query i sees start + i + 1 keys
     total = q_len * start + q_len * (q_len + 1) // 2
@@ -120,15 +148,16 @@ def hisa_attention_forward(
     base = getattr(module, "hisa_config", None) or HisaConfig()
     cfg = effective_config(base)
     layer_idx = getattr(module, "layer_idx", None)
+    layer_ref = getattr(key, "_hisa_layer", None)
+    layer = layer_ref() if layer_ref is not None else None
+    if layer is not None and layer.static_len is not None:
+        # a decode step being recorded by hisa.graph.DecodeStep: full-capacity buffers, length on the
+        # device, dense or sparse decided by the recorder for this layer (it also counts the statistics)
+        out = decode_static(query, key, value, layer._pooled, layer.static_len, cfg, scale=scaling,
+                            sparse=layer.static_sparse)
+        return out.transpose(1, 2).contiguous(), None
     q_len, kv_len = query.shape[2], key.shape[2]
-    sparse = (
-        cfg.enabled
-        and layer_idx not in cfg.dense_layers
-        and kv_len > cfg.top_k  # otherwise every query keeps all it sees: dense is exact
-        and kv_len >= cfg.min_context
-        and not module.training
-        and not kernels_prefer_dense(query, kv_len)  # below the kernels' measured crossover dense is faster
-    )
+    sparse = not module.training and sparse_for(cfg, layer_idx, query, kv_len)
     stats = _stats.get()
     if stats is not None:
         _count(stats, layer_idx, query.shape[0], q_len, kv_len, cfg.top_k if sparse else None)
@@ -145,8 +174,6 @@ def hisa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
 
-    layer_ref = getattr(key, "_hisa_layer", None)
-    layer = layer_ref() if layer_ref is not None else None
     if layer is not None and layer.block_size == cfg.block_size:
         pooled = layer.pooled_keys
     else:  # no HisaCache (or another block size requested): pool on the fly

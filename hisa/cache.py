@@ -40,12 +40,18 @@ class HisaLayer(DynamicLayer):
     """One layer's K/V plus pooled keys. ``keys``/``values`` are views of the live prefix."""
 
     def __init__(self, block_size: int, max_cache_len: int | None = None, growth: float = 1.5):
+        self._views = None  # (length, keys view, values view), rebuilt lazily when the length moved
         super().__init__()
         self.block_size = block_size
         self.max_cache_len = max_cache_len
         self.growth = growth
         self.length = 0
         self._k = self._v = self._psum = self._pooled = None
+        # set by hisa.graph.DecodeStep while it records a step: a one-element device tensor holding the
+        # length after the step; update() then writes one token at static_len - 1 into the full buffers
+        # and returns them whole (shapes independent of the length, as a CUDA graph needs)
+        self.static_len: torch.Tensor | None = None
+        self.static_sparse = False
 
     # -- storage -------------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -79,11 +85,38 @@ class HisaLayer(DynamicLayer):
         return 0 if self._k is None else self._k.shape[2]
 
     def _sync_views(self) -> None:
-        n = self.length
-        self.keys = self._k[:, :, :n]
-        self.values = self._v[:, :, :n]
-        # transformers reads these two attributes; tag the key view so HISA attention finds this layer
-        self.keys._hisa_layer = weakref.ref(self)
+        self._views = None
+
+    def _live_views(self):
+        v = self._views
+        if v is None or v[0] != self.length:
+            if self._k is None:
+                return None, None
+            n = self.length
+            keys = self._k[:, :, :n]
+            # tag the key view so HISA attention finds this layer (its pooled keys)
+            keys._hisa_layer = weakref.ref(self)
+            v = self._views = (n, keys, self._v[:, :, :n])
+        return v[1], v[2]
+
+    # transformers reads (and some of its code assigns) these two attributes
+    @property
+    def keys(self):
+        return self._live_views()[0]
+
+    @keys.setter
+    def keys(self, value):
+        if value is not None:
+            raise AttributeError("HisaLayer.keys is a view of the cache buffers; use update()")
+
+    @property
+    def values(self):
+        return self._live_views()[1]
+
+    @values.setter
+    def values(self, value):
+        if value is not None:
+            raise AttributeError("HisaLayer.values is a view of the cache buffers; use update()")
 
     @property
     def pooled_keys(self) -> torch.Tensor:
@@ -94,6 +127,8 @@ class HisaLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self.static_len is not None:
+            return self._update_static(key_states, value_states)
         n, t = self.length, key_states.shape[-2]
         if t == 0:
             return self.keys, self.values
@@ -105,6 +140,16 @@ class HisaLayer(DynamicLayer):
         self.length = n + t
         self._sync_views()
         return self.keys, self.values
+
+    def _update_static(self, key_states, value_states):
+        """Graph-capturable append of one token at ``static_len - 1`` (the host-side ``length`` is advanced
+        by the caller, who knows how many steps ran); returns the full buffers, tagged with this layer."""
+        from . import ops  # noqa: PLC0415
+
+        ops.append_static(self._k, self._v, self._psum, self._pooled, key_states, value_states, self.static_len,
+                          self.block_size)
+        self._k._hisa_layer = weakref.ref(self)
+        return self._k, self._v
 
     def _add_to_pools(self, key_states: torch.Tensor, start: int) -> None:
         update = _pool_kernel() if key_states.is_cuda else None
@@ -172,7 +217,7 @@ class HisaLayer(DynamicLayer):
     def release(self) -> None:
         """Drop the buffers (frees their memory)."""
         self._k = self._v = self._psum = self._pooled = None
-        self.keys = self.values = None
+        self._views = None
         self.length = 0
         self.is_initialized = False
 
@@ -215,6 +260,7 @@ class HisaCache(Cache):
     def __init__(self, config: HisaConfig | None = None, max_cache_len: int | None = None, num_layers: int | None = None):
         self.hisa_config = config or HisaConfig()
         self.prealloc_len = max_cache_len
+        self.decode_graph = None  # set by hisa.graph.DecodeStep: the CUDA graph recorded over these buffers
         layers = [self._new_layer() for _ in range(num_layers or 0)]
         super().__init__(layers=layers)
 
@@ -248,6 +294,7 @@ class HisaCache(Cache):
             layer.reset()
 
     def release(self) -> None:
+        self.decode_graph = None
         for layer in self.layers:
             layer.release()
 

@@ -33,6 +33,9 @@ BACKENDS = ("auto", "reference", "reference_tiled", "triton")
 # ~0.13-0.25 ms of launch overhead, which SDPA's flash decode only exceeds at very long contexts.
 DENSE_BELOW_PREFILL = {64: 12288, 128: 16384}
 DENSE_BELOW_DECODE = {64: 163840, 128: 131072}
+# The same for decode steps replayed in a CUDA graph (hisa.graph.DecodeStep, ``decode_static``): no
+# launch overhead, HISA's selection pipeline against the dense split-K kernel (``HISA_DENSE_BELOW_STATIC``).
+DENSE_BELOW_STATIC = {64: 49152, 128: 32768}
 
 
 def _triton_backend():
@@ -73,6 +76,14 @@ def dense_crossover(q_len: int, head_dim: int = 64) -> int:
     if q_len <= EXACT_MAX_QUERIES:
         return int(os.environ.get("HISA_DENSE_BELOW_DECODE", DENSE_BELOW_DECODE[col]))
     return int(os.environ.get("HISA_DENSE_BELOW", DENSE_BELOW_PREFILL[col]))
+
+
+def static_prefers_dense(q: torch.Tensor, kv_len: int) -> bool:
+    """:func:`kernels_prefer_dense` for graph-captured decode steps (:func:`decode_static`)."""
+    if backend_for(q) != "triton":
+        return False
+    col = 64 if q.shape[-1] <= 64 else 128
+    return kv_len < int(os.environ.get("HISA_DENSE_BELOW_STATIC", DENSE_BELOW_STATIC[col]))
 
 
 def kernels_prefer_dense(q: torch.Tensor, kv_len: int) -> bool:
@@ -152,14 +163,48 @@ def hisa_attention(
     return hisa_attention_reference(q, k, v, pooled, config, scale=scale, mask=mask)
 
 
+def decode_static(q, k, v, pooled, length, config: HisaConfig, *, scale=None, sparse: bool = True):
+    """One decode query per sequence over full-capacity K/V buffers [B, Hkv, cap, D] whose live length
+    is ``length[0]`` (a one-element int tensor on q's device; the query is the last live key).
+
+    On the Triton backend nothing depends on the length on the host, so a CUDA graph can capture the
+    call once and replay it as the cache grows. Elsewhere the length is read back and the reference runs
+    on the live prefix (same results, no graph)."""
+    if backend_for(q) == "triton":
+        return _triton_backend().decode_static(q, k, v, pooled, length, config, scale=scale, sparse=sparse)
+    n = int(length.reshape(-1)[0])
+    k, v = k[:, :, :n], v[:, :, :n]
+    if sparse:
+        nb = -(-n // config.block_size)
+        return hisa_attention_reference(q, k, v, pooled[:, :, :nb], config, scale=scale)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def append_static(k_cache, v_cache, psum, pooled, k_new, v_new, length, block_size: int) -> None:
+    """Write one new token per sequence at position ``length[0] - 1`` of a cache's buffers and refresh
+    its block's pooled key; graph-capturable on the Triton backend (see :func:`decode_static`)."""
+    if k_new.is_cuda and _triton_backend() is not None:
+        from .kernels.pool import append_token  # noqa: PLC0415
+
+        append_token(k_cache, v_cache, psum, pooled, k_new, v_new, length, block_size)
+        return
+    p = int(length.reshape(-1)[0]) - 1
+    k_cache[:, :, p] = k_new[:, :, 0]
+    v_cache[:, :, p] = v_new[:, :, 0]
+    b = p // block_size
+    s = k_cache[:, :, b * block_size : p + 1].float().sum(dim=2)
+    psum[:, :, b] = s
+    pooled[:, :, b] = s / (p + 1 - b * block_size)
+
+
 def warmup(config: HisaConfig, *, num_heads: int, num_kv_heads: int, head_dim: int, max_len: int,
            dtype=torch.bfloat16, device="cuda") -> list[int]:
     """Compile the kernels ahead of time for every key length bucket up to ``max_len``.
 
     Triton specialises some block sizes on the number of pooled blocks (rounded up to a power of two), so
     the first call in each bucket compiles for a second or so. A server calls this at start-up so that no
-    user request pays for it. Runs one small prefill chunk (and a decode step where the decode kernels
-    run) on synthetic data per bucket; returns the key lengths used. A no-op without the kernels.
+    user request pays for it. Runs one small prefill chunk, a decode step where the decode kernels run and
+    the graph-recordable decode kernels on synthetic data per bucket; returns the key lengths used. A no-op without the kernels.
     """
     if not torch.device(device).type == "cuda" or _triton_backend() is None:
         return []
@@ -184,6 +229,12 @@ def warmup(config: HisaConfig, *, num_heads: int, num_kv_heads: int, head_dim: i
                 continue
             q = torch.randn(1, num_heads, q_len, head_dim, device=device, dtype=dtype, generator=g)
             _triton_backend().hisa_attention(q, k, v, pooled, config, scale=head_dim**-0.5)
+        # the graph-recorded decode kernels (hisa.graph.DecodeStep), sized by the cache capacity
+        q = torch.randn(1, num_heads, 1, head_dim, device=device, dtype=dtype, generator=g)
+        length = torch.full((1,), L, dtype=torch.int32, device=device)
+        for sparse in (False, True):
+            if not sparse or not static_prefers_dense(q, L):
+                _triton_backend().decode_static(q, k, v, pooled, length, config, scale=head_dim**-0.5, sparse=sparse)
         del k, v, pooled
     torch.cuda.synchronize(device)
     return lengths

@@ -72,6 +72,7 @@ FLAGS = [
                              "(default 2048 on CPU, 8192 on CUDA)")),
     ("--prefix-cache-tokens", dict(default=None, type=_nonneg_int, help="token capacity kept for prefix reuse "
                                    "(0: off; default: 2x max-model-len on CPU, the free KV budget on CUDA)")),
+    ("--enforce-eager", dict(action="store_true", help="decode without CUDA graphs (slower; for debugging)")),
     ("--gpu-memory-utilization", dict(default=0.90, type=float, help="fraction of GPU memory to use (default 0.9)")),
     ("--max-body-bytes", dict(default=32 << 20, type=_positive_int, help="largest request body, bytes "
                               "(default 33554432 = 32 MiB); larger gets 413")),
@@ -131,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         no_hisa=args.no_hisa, max_queue=args.max_queue, max_num_seqs=args.max_num_seqs,
         prefill_chunk=args.prefill_chunk, prefix_cache_tokens=args.prefix_cache_tokens,
         chat_template=args.chat_template, gpu_memory_utilization=args.gpu_memory_utilization,
+        cuda_graphs=not args.enforce_eager,
     )
     settings = ServerSettings(engine=engine_cfg, served_model_names=names,
                               api_key=args.api_key or None, allowed_origins=args.allowed_origins or [],

@@ -70,6 +70,7 @@ class EngineConfig:
     prefix_cache_tokens: int | None = None  # None: automatic
     chat_template: str | None = None
     gpu_memory_utilization: float = 0.90
+    cuda_graphs: bool = True  # decode steps replayed from CUDA graphs on the GPU (--enforce-eager: off)
 
 
 @dataclass
@@ -249,6 +250,8 @@ class Engine:
         hcfg = hisa.HisaConfig().replace(**changes)
         hisa.apply_hisa(model, hcfg)
         self.hisa_config = hcfg
+        # decode steps replayed from CUDA graphs where the kernels allow it (eager elsewhere)
+        self.stepper = hisa.DecodeStep(model, graphs=None if cfg.cuda_graphs else False)
         for layer in getattr(model.get_decoder(), "layers", None) or []:
             layer.register_forward_pre_hook(self._cancel_hook)
         self.model, self.tokenizer = model, tok
@@ -655,8 +658,8 @@ class Engine:
 
     def decode_step(self, token: torch.Tensor, cache) -> torch.Tensor:
         """One decode step: the last sampled ``token`` (a device tensor of one id) over ``cache``; returns
-        the next-token logits. The place to plug a CUDA-graph captured step in."""
-        return self.forward(token.view(1, 1), cache)
+        the next-token logits (replayed from a CUDA graph recorded over this cache on the GPU)."""
+        return self.stepper(token.view(1), cache)[0]
 
     def _tracked(self, seq: Sequence, fn, *args):
         overrides = seq.req.overrides
@@ -726,6 +729,7 @@ class Engine:
         # keep the cache for follow-ups: it holds K/V of prompt + generated tokens except the last one
         cache = seq.cache
         seq.cache = None
+        hisa.DecodeStep.forget(cache)  # a cached prefix keeps its K/V, not the decode graph's memory
         held = cache.get_seq_length()
         tokens = torch.tensor((seq.job.prompt_ids + seq.generated)[:held], dtype=torch.long)
         self.prefix_cache.put(tokens, cache, req.cache_tag)

@@ -91,4 +91,21 @@ def hisa_attention(q, k, v, pooled, config, *, scale=None, mask=None, q_start=No
     return hisa_attention_exact(q, k, v, pooled, config, scale=scale, q_start=q_start, mask=mask, out=out)
 
 
-__all__ = ["AVAILABLE", "EXACT_MAX_QUERIES", "hisa_attention", "path_for", "prefill_mode"]
+def decode_static(q, k, v, pooled, length, config, *, scale=None, sparse=True):
+    """One decode query per sequence over full-capacity K/V buffers whose live length is ``length[0]``
+    (a device tensor): nothing depends on the length on the host, so the call can be captured in a CUDA
+    graph. Returns [B, Hq, 1, D] (see :func:`exact.hisa_decode_static`)."""
+    from .exact import hisa_decode_static  # noqa: PLC0415
+
+    B, Hq, Lq, D = q.shape
+    if Hq % k.shape[1]:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({k.shape[1]})")
+    scale = D**-0.5 if scale is None else float(scale)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    if v.dtype != k.dtype or q.dtype != k.dtype:
+        raise ValueError("q, k and v must share a dtype")
+    out = torch.empty(B, Lq, Hq, D, dtype=q.dtype, device=q.device).transpose(1, 2)
+    return hisa_decode_static(q, k, v, pooled, length, config, scale=scale, sparse=sparse, out=out)
+
+
+__all__ = ["AVAILABLE", "EXACT_MAX_QUERIES", "decode_static", "hisa_attention", "path_for", "prefill_mode"]

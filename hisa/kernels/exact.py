@@ -67,10 +67,11 @@ def _block_scores(
 
 @triton.jit(do_not_specialize=["Lq", "q_start", "Lk"])
 def _token_scores(
-    Q, K, BLK, S, MASK,
+    Q, K, BLK, S, MASK, LENP,
     sqb, sqh, sqt, skb, skh, skt, sblk, ss, smb, smq, smk,
     NSEL, Lq, SG, G, D, bs, top_blocks, q_start, Lk, scale,
     SGP: tl.constexpr, DP: tl.constexpr, BSP: tl.constexpr, BPP: tl.constexpr, HAS_MASK: tl.constexpr,
+    DEV_LEN: tl.constexpr,
 ):
     row = tl.program_id(0)
     i = row % Lq
@@ -78,6 +79,9 @@ def _token_scores(
     b = (bu // NSEL).to(tl.int64)
     u = bu % NSEL
     kv = (u * SG) // G
+    if DEV_LEN:  # the key length lives in device memory (CUDA-graph decode); queries are the last Lq keys
+        Lk = tl.load(LENP)
+        q_start = Lk - Lq
     pos = q_start + i
     qs = _load_selector(Q, b, u, i, sqb, sqh, sqt, SG, D, SGP, DP)
     j = tl.arange(0, BPP * BSP)
@@ -175,11 +179,14 @@ def _stage2_select(
 
 @triton.jit(do_not_specialize=["Lq", "n_idx", "chunk"])
 def _sparse_attn(
-    Q, K, V, IDX, O, PO, PM, PL,
+    Q, K, V, IDX, O, PO, PM, PL, LENP,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, sidx,
     NSEL, Lq, SG, G, D, n_idx, chunk, qk_scale, NSPLIT,
-    MP: tl.constexpr, DP: tl.constexpr, BLOCK_T: tl.constexpr, DIRECT: tl.constexpr,
+    MP: tl.constexpr, DP: tl.constexpr, BLOCK_T: tl.constexpr, DIRECT: tl.constexpr, CONTIG: tl.constexpr,
 ):
+    """Attention of each row's query heads over its kept tokens IDX[row, :n_idx] (-1 = none), split-K.
+    With CONTIG the kept tokens are all keys [0, LENP[0]) (dense decode, one query per row, length in
+    device memory so the call can be captured in a CUDA graph)."""
     row = tl.program_id(0)
     split = tl.program_id(1)
     i = row % Lq
@@ -199,9 +206,15 @@ def _sparse_attn(
     end = start + chunk
     kbase = K + b * skb + kv * skh
     vbase = V + b * svb + kv * svh
-    for t0 in range(0, chunk, BLOCK_T):
+    if CONTIG:
+        n_idx = tl.load(LENP)
+    hi = tl.minimum(chunk, n_idx - start)
+    for t0 in range(0, hi, BLOCK_T):
         t = start + t0 + tl.arange(0, BLOCK_T)
-        tok = tl.load(IDX + row.to(tl.int64) * sidx + t, mask=(t < end) & (t < n_idx), other=-1)
+        if CONTIG:
+            tok = tl.where((t < end) & (t < n_idx), t, -1)
+        else:
+            tok = tl.load(IDX + row.to(tl.int64) * sidx + t, mask=(t < end) & (t < n_idx), other=-1)
         ok = tok >= 0
         toff = tok.to(tl.int64)
         kk = tl.load(kbase + toff[:, None] * skt + d[None, :], mask=ok[:, None] & (d[None, :] < D), other=0.0)
@@ -333,11 +346,11 @@ def hisa_attention_exact(q, k, v, pooled, config, *, scale, q_start, mask, out, 
             # stage 2
             s2 = torch.empty(R, W2, dtype=torch.float32, device=dev)
             _token_scores[(R, triton.cdiv(TB, BPP))](
-                qv, k, blk, s2, mv if mv is not None else s2,
+                qv, k, blk, s2, mv if mv is not None else s2, s2,
                 qv.stride(0), qv.stride(1), qv.stride(2), k.stride(0), k.stride(1), k.stride(2),
                 blk.stride(0), s2.stride(0), *ms,
                 NSEL, n, SG, G, D, bs, TB, qs0, Lk, scale,
-                SGP=SGP, DP=DP, BSP=BSP, BPP=BPP, HAS_MASK=mv is not None, num_warps=4,
+                SGP=SGP, DP=DP, BSP=BSP, BPP=BPP, HAS_MASK=mv is not None, DEV_LEN=False, num_warps=4,
             )
             idx = topk_select(s2, TK, n=W2, block_map=blk, map_bs=bs)
         # attention over the kept tokens
@@ -355,11 +368,11 @@ def hisa_attention_exact(q, k, v, pooled, config, *, scale, q_start, mask, out, 
             pm = part[R * nsplit * MP * DP: R * nsplit * MP * (DP + 1)]
             pl = part[R * nsplit * MP * (DP + 1):]
         _sparse_attn[(R, nsplit)](
-            qv, k, v, idx, ov, po, pm, pl,
+            qv, k, v, idx, ov, po, pm, pl, idx,
             qv.stride(0), qv.stride(1), qv.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), ov.stride(0), ov.stride(1), ov.stride(2), idx.stride(0),
             NSEL, n, SG, G, D, TK, chunk, scale * _LOG2E, nsplit,
-            MP=MP, DP=DP, BLOCK_T=BLOCK_T, DIRECT=direct, num_warps=4,
+            MP=MP, DP=DP, BLOCK_T=BLOCK_T, DIRECT=direct, CONTIG=False, num_warps=4,
         )
         if not direct:
             _combine[(R,)](
@@ -367,3 +380,92 @@ def hisa_attention_exact(q, k, v, pooled, config, *, scale, q_start, mask, out, 
                 MP=MP, DP=DP, SPLITP=max(2, triton.next_power_of_2(nsplit)), num_warps=4,
             )
     return out
+
+
+def _split_plan(R: int, n: int, dev, block_t: int = 64) -> tuple[int, int]:
+    """(nsplit, chunk) for split-K attention of R rows over up to n tokens: about two programs per SM."""
+    want = max(1, (2 * _sm_count(dev)) // R)
+    nsplit = max(1, min(want, triton.cdiv(n, block_t)))
+    chunk = triton.cdiv(triton.cdiv(n, nsplit), block_t) * block_t
+    return triton.cdiv(n, chunk), chunk
+
+
+def _attend(q, k, v, idx, out, *, n_idx, scale, length=None, SG, G, NSEL, MP, DP):
+    """Split-K attention of one query per row over idx[:, :n_idx] (or, with ``length``, over all keys
+    [0, length[0]) - dense decode) plus the combine of the partials; every buffer is allocated here."""
+    B, Hq, Lq, D = q.shape
+    R = B * NSEL * Lq
+    BLOCK_T = 64
+    nsplit, chunk = _split_plan(R, n_idx, q.device, BLOCK_T)
+    direct = nsplit == 1
+    part = torch.empty(max(1, R * nsplit * MP * (DP + 2)) if not direct else 1, dtype=torch.float32,
+                       device=q.device)
+    po = part[: R * nsplit * MP * DP]
+    pm = part[R * nsplit * MP * DP: R * nsplit * MP * (DP + 1)]
+    pl = part[R * nsplit * MP * (DP + 1):]
+    contig = length is not None
+    idx_arg = idx if idx is not None else part
+    _sparse_attn[(R, nsplit)](
+        q, k, v, idx_arg, out, po, pm, pl, length if contig else part,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        idx.stride(0) if idx is not None else 0,
+        NSEL, Lq, SG, G, D, n_idx, chunk, scale * _LOG2E, nsplit,
+        MP=MP, DP=DP, BLOCK_T=BLOCK_T, DIRECT=direct, CONTIG=contig, num_warps=4,
+    )
+    if not direct:
+        _combine[(R,)](
+            out, po, pm, pl, out.stride(0), out.stride(1), out.stride(2), NSEL, Lq, SG, D, nsplit,
+            MP=MP, DP=DP, SPLITP=max(2, triton.next_power_of_2(nsplit)), num_warps=4,
+        )
+    return out
+
+
+def hisa_decode_static(q, k, v, pooled, length, config, *, scale, sparse, out):
+    """One decode query per sequence over full-capacity buffers, the key length read from device memory.
+
+    q [B, Hq, 1, D]; k/v [B, Hkv, cap, D] of which the first ``length[0]`` rows are live (the query is
+    the last of them); pooled [B, Hkv, >= cap / block_size, D] float32. ``sparse``: HISA's per-query
+    selection (stage 1, stage 2, attention over the kept tokens, the reference's semantics) or dense
+    attention over every live key. Shapes, launches and buffers depend only on the capacity, never on
+    the length, and the host reads nothing back: the call can be captured in a CUDA graph and replayed
+    while the length grows.
+    """
+    B, Hq, Lq, D = q.shape
+    Hkv, cap = k.shape[1], k.shape[2]
+    if Lq != 1:
+        raise ValueError("hisa_decode_static takes one query per sequence")
+    G = Hq // Hkv
+    SG = G if config.selection == "group" else 1
+    NSEL = Hq // SG
+    DP = triton.next_power_of_2(D)
+    SGP = triton.next_power_of_2(SG)
+    MP = max(16, SGP)
+    common = dict(SG=SG, G=G, NSEL=NSEL, MP=MP, DP=DP)
+    if not sparse:
+        return _attend(q, k, v, None, out, n_idx=cap, scale=scale, length=length, **common)
+    bs, TB, TK = config.block_size, config.top_blocks, config.top_k
+    NB = min(pooled.shape[2], math.ceil(cap / bs))
+    BSP = triton.next_power_of_2(bs)
+    BPP = max(1, 128 // BSP)
+    R = B * NSEL
+    dev = q.device
+    s1 = torch.empty(R, NB, dtype=torch.float32, device=dev)
+    BLOCK_B = 128
+    _block_scores[(R, triton.cdiv(NB, BLOCK_B))](
+        q, pooled, s1, q.stride(0), q.stride(1), q.stride(2),
+        pooled.stride(0), pooled.stride(1), pooled.stride(2), s1.stride(0),
+        NSEL, 1, SG, G, NB, D, SGP=SGP, DP=DP, BLOCK_B=BLOCK_B, num_warps=4,
+    )
+    # the query sits at key index length - 1; blocks past it are masked by the selection
+    blk = topk_select(s1, TB, n=NB, nvis=(-1, 1, 1, bs), pos_base=length)
+    s2 = torch.empty(R, TB * bs, dtype=torch.float32, device=dev)
+    _token_scores[(R, triton.cdiv(TB, BPP))](
+        q, k, blk, s2, s2, length,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        blk.stride(0), s2.stride(0), 0, 0, 0,
+        NSEL, 1, SG, G, D, bs, TB, 0, cap, scale,
+        SGP=SGP, DP=DP, BSP=BSP, BPP=BPP, HAS_MASK=False, DEV_LEN=True, num_warps=4,
+    )
+    idx = topk_select(s2, TK, n=TB * bs, block_map=blk, map_bs=bs)
+    return _attend(q, k, v, idx, out, n_idx=TK, scale=scale, **common)

@@ -52,3 +52,57 @@ def update_pooled(psum: torch.Tensor, pooled: torch.Tensor, keys: torch.Tensor, 
         keys.stride(0), keys.stride(1), keys.stride(2), H, start, t, start + t, bs, b0, D,
         BSP=triton.next_power_of_2(bs), DP=triton.next_power_of_2(D), num_warps=4,
     )
+
+
+@triton.jit
+def _append_token(
+    K, V, PS, PM, KN, VN, LENP,
+    skb, skh, skt, svb, svh, svt, sps_bh, sps_n, spm_bh, spm_n, sknb, sknh, svnb, svnh,
+    H, bs, D, Dv,
+    BSP: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    p = tl.load(LENP).to(tl.int64) - 1  # the new token's position
+    d = tl.arange(0, DP)
+    dv = tl.arange(0, DVP)
+    kn = tl.load(KN + b * sknb + h * sknh + d, mask=d < D, other=0.0)
+    vn = tl.load(VN + b * svnb + h * svnh + dv, mask=dv < Dv, other=0.0)
+    kbase = K + b * skb + h * skh
+    tl.store(kbase + p * skt + d, kn, mask=d < D)
+    tl.store(V + b * svb + h * svh + p * svt + dv, vn, mask=dv < Dv)
+    # the block's sum recomputed from its cached keys before p plus the new key: idempotent, so a warm-up
+    # run before a CUDA-graph capture (or a replay of the same step) cannot count a key twice
+    n = p // bs
+    j = n * bs + tl.arange(0, BSP)
+    older = j < p
+    kk = tl.load(kbase + j[:, None] * skt + d[None, :], mask=older[:, None] & (d[None, :] < D), other=0.0)
+    s = tl.sum(kk.to(tl.float32), 0) + kn.to(tl.float32)
+    tl.store(PS + bh.to(tl.int64) * sps_bh + n * sps_n + d, s, mask=d < D)
+    count = (p - n * bs + 1).to(tl.float32)
+    tl.store(PM + bh.to(tl.int64) * spm_bh + n * spm_n + d, s / count, mask=d < D)
+
+
+def append_token(k_cache, v_cache, psum, pooled, k_new, v_new, length, block_size: int) -> None:
+    """Write one token per sequence at position ``length[0] - 1`` of the K/V buffers [B, H, cap, D] and
+    set its block's pooled sum and mean, in one launch. ``length`` is a one-element int tensor on the
+    device, so the call can be captured in a CUDA graph and replayed while the length grows."""
+    B, H, t, D = k_new.shape
+    if t != 1:
+        raise ValueError("append_token writes one token per sequence")
+    Dv = v_new.shape[-1]
+    if k_new.stride(-1) != 1:
+        k_new = k_new.contiguous()
+    if v_new.stride(-1) != 1:
+        v_new = v_new.contiguous()
+    assert psum.stride(0) == H * psum.stride(1) and pooled.stride(0) == H * pooled.stride(1)
+    _append_token[(B * H,)](
+        k_cache, v_cache, psum, pooled, k_new, v_new, length,
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+        v_cache.stride(2), psum.stride(1), psum.stride(2), pooled.stride(1), pooled.stride(2),
+        k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
+        H, block_size, D, Dv,
+        BSP=triton.next_power_of_2(block_size), DP=triton.next_power_of_2(D), DVP=triton.next_power_of_2(Dv),
+        num_warps=4,
+    )

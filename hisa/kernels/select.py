@@ -72,9 +72,9 @@ def _select_core(x, offs, K, OUT_ROW, val, BLOCK: tl.constexpr, KP: tl.constexpr
 def _select_kernel(
     S, stride_s, N, K, OUT, stride_o,
     MAP, stride_map, map_bs,
-    pos0, pos_step, L_inner, nvis_bs,
+    pos0, pos_step, L_inner, nvis_bs, POS_BASE,
     BLOCK: tl.constexpr, KP: tl.constexpr, HAS_NVIS: tl.constexpr, HAS_MAP: tl.constexpr,
-    RADIX: tl.constexpr,
+    RADIX: tl.constexpr, HAS_POS_BASE: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
@@ -82,6 +82,8 @@ def _select_kernel(
     if HAS_NVIS:
         # row = outer * L_inner + inner; its query/tile sits at pos0 + inner * pos_step
         pos = pos0 + (row % L_inner) * pos_step
+        if HAS_POS_BASE:  # positions relative to a length held in device memory (CUDA-graph decode)
+            pos += tl.load(POS_BASE).to(tl.int64)
         nvis = pos // nvis_bs + 1
         x = tl.where(offs < nvis, x, float("-inf"))
         x = tl.where((offs == 0) | (offs == nvis - 1), float("inf"), x)
@@ -106,6 +108,7 @@ def topk_select(
     block_map: torch.Tensor | None = None,
     map_bs: int = 1,
     radix: bool | None = None,
+    pos_base: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Indices [R, k] int32 (ascending, -1 padded) of the k largest finite entries of each row of
     ``scores`` [R, >=n] float32 (only the first ``n`` columns compete).
@@ -113,6 +116,8 @@ def topk_select(
     ``nvis=(pos0, pos_step, L_inner, bs)``: row r sees columns < (pos0 + (r % L_inner) * pos_step) // bs + 1
     and its first and last visible columns are always kept. ``block_map`` [R, >= n / map_bs] int32:
     return ``block_map[r, j // map_bs] * map_bs + j % map_bs`` instead of the column j.
+    ``pos_base``: a one-element int tensor on the device added to ``pos0`` inside the kernel (the host never
+    reads it, so the call can be captured in a CUDA graph).
     """
     R = scores.shape[0]
     n = scores.shape[1] if n is None else n
@@ -123,6 +128,8 @@ def topk_select(
         scores = scores.contiguous()
     block = max(16, triton.next_power_of_2(n))
     if block > MAX_SELECT_WIDTH:
+        if pos_base is not None:
+            raise ValueError(f"rows wider than {MAX_SELECT_WIDTH} columns need a host-side position")
         return _topk_select_torch(scores[:, :n], k, nvis, block_map, map_bs)
     pos0, pos_step, L_inner, nbs = nvis if nvis is not None else (0, 0, 1, 1)
     has_map = block_map is not None
@@ -130,9 +137,9 @@ def topk_select(
     _select_kernel[(R,)](
         scores, scores.stride(0), n, k, out, out.stride(0),
         mp, mp.stride(0), map_bs,
-        pos0, pos_step, L_inner, nbs,
+        pos0, pos_step, L_inner, nbs, pos_base if pos_base is not None else out,
         BLOCK=block, KP=max(16, triton.next_power_of_2(k)), HAS_NVIS=nvis is not None, HAS_MAP=has_map,
-        RADIX=RADIX_SELECT if radix is None else radix,
+        RADIX=RADIX_SELECT if radix is None else radix, HAS_POS_BASE=pos_base is not None,
         num_warps=_warps(block),
     )
     return out

@@ -1,0 +1,227 @@
+"""Decode steps without per-step host overhead: the model's one-token forward recorded in a CUDA graph.
+
+At batch 1 a transformers decoder spends far longer launching its few hundred small kernels from Python
+than the GPU spends running them. ``DecodeStep`` records the forward of one token over a preallocated
+:class:`~hisa.cache.HisaCache` once, and replays it for every following token::
+
+    step = DecodeStep(model)              # a model patched with apply_hisa
+    cache = new_cache(model, max_cache_len=n_prompt + n_new)
+    logits = model(prompt, cache=cache).logits[:, -1]       # prefill as usual
+    for _ in range(n_new):
+        token = logits.argmax(-1)
+        logits = step(token, cache)       # [B, vocab]; valid until the next call
+    step.forget(cache)                    # drop the graphs recorded over this cache
+
+What makes the forward recordable: while recording, the cache's layers append the new token at a position
+read from device memory (``HisaLayer.static_len``) and hand attention their full-capacity buffers;
+attention then runs :func:`hisa.ops.decode_static`, whose kernels read the key length from the same device
+tensor. Nothing in the step depends on the length on the host, so one graph serves every step until the
+cache's capacity is reached. The graph is kept on the cache (``cache.decode_graph``) and dies with it. Dense and sparse attention are separate graphs: a step records the sparse one
+when the context crosses :func:`hisa.attention.sparse_for`'s threshold.
+
+Without CUDA graphs (CPU, no Triton kernels, ``graphs=False``, or a recording that failed) the step runs
+the model's forward eagerly: same results, same call for the caller.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from . import attention
+from .cache import HisaCache
+from .config import HisaConfig
+
+log = logging.getLogger("hisa.graph")
+
+
+@dataclass
+class _Recorded:
+    key: tuple
+    graph: object  # torch.cuda.CUDAGraph
+    ids: torch.Tensor  # [B, 1] static input token ids
+    pos: torch.Tensor  # [B, 1] static position ids
+    length: torch.Tensor  # [1] int32: key length after the step
+    logits: torch.Tensor  # [B, vocab] static output
+
+
+class DecodeStep:
+    """One-token decode steps of a HISA-patched ``model``; see the module docstring.
+
+    ``graphs``: record and replay CUDA graphs (default: on CUDA when HISA's Triton kernels are
+    available). ``static``: without graphs, still run the graph's code path eagerly (full-capacity
+    buffers, device-side length); used by tests to check that path on the CPU.
+    """
+
+    def __init__(self, model, *, graphs: bool | None = None, static: bool = False):
+        self.model = model
+        param = next(model.parameters())
+        self.device = param.device
+        if graphs is None:
+            from . import ops  # noqa: PLC0415
+
+            graphs = self.device.type == "cuda" and ops.backend_for(param.new_empty(1, 1, 1, 1)) == "triton"
+        self.graphs = bool(graphs) and self.device.type == "cuda"
+        self.static = static or self.graphs
+        params = inspect.signature(type(model).forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._logits_to_keep = "logits_to_keep" in params
+        text = model.config.get_text_config(decoder=True)
+        self.num_layers = text.num_hidden_layers
+        heads = text.num_attention_heads
+        self._probe = param.new_empty(1, heads, 1, getattr(text, "head_dim", None) or text.hidden_size // heads)
+        self._warm: set = set()
+        self._stream = None
+        self.replays = 0  # steps replayed from a CUDA graph
+        self.static_steps = 0  # steps that ran the static path eagerly (graphs=False, static=True)
+        self.recordings = 0
+        self.failed: str | None = None  # why graphs were turned off, if they were
+
+    # -- the model's forward ---------------------------------------------------------------------------
+    def forward(self, ids: torch.Tensor, cache, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, vocab] of the last position of ``ids`` [B, L] run over ``cache``."""
+        kwargs = {self._cache_kw: cache, "use_cache": True}
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids
+        if self._logits_to_keep:
+            return self.model(input_ids=ids, logits_to_keep=1, **kwargs).logits[:, -1]
+        hidden = self.model.get_decoder()(input_ids=ids, **kwargs).last_hidden_state
+        return self.model.lm_head(hidden[:, -1:])[:, -1]
+
+    # -- public API --------------------------------------------------------------------------------------
+    def __call__(self, token: torch.Tensor, cache) -> torch.Tensor:
+        """Logits [B, vocab] after feeding ``token`` (one id per sequence, on the model's device) to the
+        model over ``cache``, which advances by one position."""
+        ids = token.reshape(-1, 1)
+        n = cache.get_seq_length()
+        plan = self._plan(cache, ids.shape[0], n) if self.static else None
+        if plan is None:
+            return self.forward(ids, cache)
+        flags, key = plan
+        if not self.graphs:
+            return self._static_eager(ids, cache, n, flags)
+        rec = getattr(cache, "decode_graph", None)
+        if rec is None or rec.key != key:
+            cache.decode_graph = None
+            try:
+                rec = self._record(ids, cache, n, flags, key)
+            except Exception as e:  # noqa: BLE001 - a model we cannot record still decodes, eagerly
+                self._disable(f"{type(e).__name__}: {e}")
+                self._disarm(cache)
+                return self.forward(ids, cache)
+            cache.decode_graph = rec
+        rec.ids.copy_(ids)
+        rec.pos.fill_(n)
+        rec.length.fill_(n + 1)
+        rec.graph.replay()
+        self.replays += 1
+        self._advance(cache, n + 1, flags)
+        return rec.logits
+
+    @staticmethod
+    def forget(cache) -> None:
+        """Drop the graph recorded over ``cache`` (its memory pool is freed); call when a sequence ends.
+        (``HisaCache.release()`` drops it too.)"""
+        if hasattr(cache, "decode_graph"):
+            cache.decode_graph = None
+
+    # -- internals -----------------------------------------------------------------------------------
+    def _disable(self, why: str) -> None:
+        log.warning("CUDA-graph decode turned off, decoding eagerly from now on: %s", why)
+        self.failed = why
+        self.graphs = self.static = False
+
+    def _plan(self, cache, batch: int, n: int):
+        """(per-layer sparse flags, graph key) when this step can take the static path, else None."""
+        if not isinstance(cache, HisaCache) or n == 0 or len(cache.layers) != self.num_layers:
+            return None
+        layers = cache.layers
+        first = layers[0]
+        if any(not layer.is_initialized for layer in layers) or first._k.shape[0] != batch:
+            return None
+        if any(layer.length != n or layer.capacity < n + 1 for layer in layers):
+            return None  # ragged layers or a full cache: the eager step (which grows the buffers) runs
+        cfg = attention.effective_config(getattr(self.model, "hisa_config", None) or HisaConfig())
+        flags = tuple(attention.sparse_for(cfg, i, self._probe, n + 1, static=True) for i in range(self.num_layers))
+        if self.graphs and any(flags) and first._pooled.shape[2] > _max_static_blocks():
+            return None
+        key = (flags, cfg, batch, first.capacity, first._k.data_ptr())
+        return flags, key
+
+    def _arm(self, cache, length: torch.Tensor, flags) -> None:
+        for layer, sparse in zip(cache.layers, flags):
+            layer.static_len = length
+            layer.static_sparse = sparse
+
+    @staticmethod
+    def _disarm(cache) -> None:
+        for layer in cache.layers:
+            layer.static_len = None
+            layer.static_sparse = False
+
+    def _advance(self, cache, length: int, flags) -> None:
+        for layer in cache.layers:
+            layer.length = length
+        stats_on = attention._stats.get() is not None
+        if stats_on:
+            cfg = attention.effective_config(getattr(self.model, "hisa_config", None) or HisaConfig())
+            batch = cache.layers[0]._k.shape[0]
+            for i, sparse in enumerate(flags):
+                attention.count(i, batch, 1, length, cfg.top_k if sparse else None)
+
+    def _static_eager(self, ids, cache, n: int, flags) -> torch.Tensor:
+        length = torch.full((1,), n + 1, dtype=torch.int32, device=self.device)
+        pos = torch.full_like(ids, n)
+        self._arm(cache, length, flags)
+        try:
+            with attention.untracked():
+                logits = self.forward(ids, cache, pos)
+        finally:
+            self._disarm(cache)
+        self._advance(cache, n + 1, flags)
+        self.static_steps += 1
+        return logits
+
+    def _record(self, ids, cache, n: int, flags, key) -> _Recorded:
+        B = ids.shape[0]
+        rec_ids = ids.clone()
+        pos = torch.full_like(ids, n)
+        length = torch.full((1,), n + 1, dtype=torch.int32, device=self.device)
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        stream = self._stream
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        # the first recording of each kernel variant runs the step once first (Triton compiles, cuBLAS
+        # initialises on this stream); every write of the step is idempotent, so running it twice is harmless
+        warm_key = (flags, key[1], B, _bucket(cache.layers[0].capacity))
+        self._arm(cache, length, flags)
+        try:
+            with attention.untracked(), torch.cuda.stream(stream):
+                if warm_key not in self._warm:
+                    self.forward(rec_ids, cache, pos)
+                    stream.synchronize()
+                    self._warm.add(warm_key)
+                graph = torch.cuda.CUDAGraph()
+                graph.capture_begin(capture_error_mode="thread_local")
+                try:
+                    logits = self.forward(rec_ids, cache, pos)
+                finally:
+                    graph.capture_end()
+        finally:
+            self._disarm(cache)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        self.recordings += 1
+        return _Recorded(key=key, graph=graph, ids=rec_ids, pos=pos, length=length, logits=logits)
+
+
+def _bucket(capacity: int) -> int:
+    return 1 << max(0, capacity - 1).bit_length()
+
+
+def _max_static_blocks() -> int:
+    from .kernels.select import MAX_SELECT_WIDTH  # noqa: PLC0415
+
+    return MAX_SELECT_WIDTH
