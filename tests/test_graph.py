@@ -31,15 +31,15 @@ needs_gpu = pytest.mark.skipif(not HAVE_KERNELS, reason="needs CUDA and Triton")
 SPARSE = HisaConfig(block_size=8, top_blocks=4, top_k=16, min_context=0)
 
 
-def _decode(model, prompt, steps, *, step=None, max_len=None, overrides=None):
-    """Greedy decode: returns the tokens and the logits of every step."""
+def _decode(model, prompt, steps, *, step=None, max_len=None, overrides=None, forced=None):
+    """Greedy decode (or, with ``forced`` [B, steps], feed those tokens): the tokens and every step's logits."""
     cache = new_cache(model, max_cache_len=max_len or prompt.shape[1] + steps)
     ctx = hisa.override(**overrides) if overrides else _null()
     with torch.inference_mode(), ctx:
         logits = model(input_ids=prompt, use_cache=True, **cache_kw(model, cache)).logits[:, -1]
         tokens, all_logits = [], [logits.float()]
-        for _ in range(steps):
-            token = logits.argmax(-1)
+        for i in range(steps):
+            token = logits.argmax(-1) if forced is None else forced[:, i]
             tokens.append(token)
             if step is None:
                 logits = model(input_ids=token.view(-1, 1), use_cache=True, **cache_kw(model, cache)).logits[:, -1]
@@ -136,18 +136,26 @@ def test_cuda_graph_decode_matches_eager(family, mode, monkeypatch):
     ref_tokens, ref_logits, ref_cache = _decode(model, prompt, 40)
     step = hisa.DecodeStep(model)
     assert step.graphs
-    tokens, logits, cache = _decode(model, prompt, 40, step=step)
+    # the same tokens fed to every path (a random model's greedy path is fragile), every step's logits compared
+    tokens, logits, cache = _decode(model, prompt, 40, step=step, forced=ref_tokens)
     assert step.failed is None and step.replays == 40 and step.recordings >= 1
     if mode == "cross":
         assert step.recordings == 2  # dense graph, then the sparse one
-    # bf16: eager and graph kernels differ (SDPA vs split-K; the reference's pool order), so compare logits
-    # loosely and require the greedy tokens to agree on most steps
-    agree = (tokens == ref_tokens).float().mean().item()
-    assert agree >= 0.9, agree
-    first = (tokens != ref_tokens).nonzero()
-    upto = int(first[0, 1]) if len(first) else tokens.shape[1]
-    diff = (logits[:, : upto + 1] - ref_logits[:, : upto + 1]).abs().max().item()
-    assert diff < 0.1, diff
+    static = hisa.DecodeStep(model, graphs=False, static=True)  # the graph's kernels, run eagerly
+    _, static_logits, _ = _decode(model, prompt, 40, step=static, forced=ref_tokens)
+    assert static.static_steps == 40
+
+    def rel(a, b):
+        return (a - b).norm(dim=-1) / b.norm(dim=-1)
+
+    # bf16 rounding differs between the paths (SDPA vs split-K, fused RMSNorm...), and in sparse layers a
+    # near-tie at the top-k threshold can swap a token, so: small errors at most steps, same argmax
+    for name, a, b in (("graph vs static", logits, static_logits), ("graph vs eager", logits, ref_logits),
+                       ("static vs eager", static_logits, ref_logits)):
+        e = rel(a, b)[0]
+        agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+        print(f"{family}/{mode} {name}: rel err median {e.median():.2e} max {e.max():.2e}, top-1 agree {agree:.3f}")
+        assert e.median() < 2e-2 and agree >= 0.9, (name, e.tolist(), agree)
     for a in cache.layers:
         assert a.length == n_prompt + 40
         torch.testing.assert_close(a.pooled_keys, pool_keys(a.keys, cfg.block_size), atol=2e-3, rtol=2e-3)
@@ -198,3 +206,26 @@ def test_append_token_kernel():
         b = (n - 1) // bs
         ref = k[:, :, b * bs : n].float().mean(2)
         torch.testing.assert_close(pooled[:, :, b], ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral"])
+def test_fused_elementwise_is_the_same_math_cpu(family, monkeypatch):
+    """The RMSNorm / rotary / SiLU-gate replacements used while recording compute what the model's own code
+    does, and are removed afterwards (torch.compile is bypassed here: the CPU has no Inductor compiler)."""
+    from hisa import graph
+
+    monkeypatch.setattr(graph, "_compiled", lambda name, fn: fn)
+    model = tiny_model(family)
+    ids = torch.randint(0, 256, (2, 17))
+    with torch.inference_mode():
+        ref = model(input_ids=ids).logits
+        mod = __import__(type(model).__module__, fromlist=["apply_rotary_pos_emb"])
+        original = mod.apply_rotary_pos_emb
+        with graph._fused_elementwise(model):
+            assert mod.apply_rotary_pos_emb is not original
+            swapped = sum("forward" in m.__dict__ for m in model.modules())
+            out = model(input_ids=ids).logits
+        assert mod.apply_rotary_pos_emb is original
+        assert not any("forward" in m.__dict__ for m in model.modules())
+    assert swapped == 3 * 2 + 1 + (2 * 2 if family == "qwen3" else 0)  # 2 norms + mlp per layer, final norm
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

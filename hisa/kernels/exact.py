@@ -30,6 +30,8 @@ from .select import RADIX_SELECT, _select_core, topk_select
 
 FUSED = True  # stage scoring fused with its top-k selection (one program per row); False: separate kernels
 FUSED_MAX_WIDTH = 4096
+MAX_SPLITS = 64
+STATIC_SLICE = 512  # blocks per program in the first level of the graph-recordable decode's stage 1
 
 _LOG2E = 1.4426950408889634
 
@@ -133,7 +135,43 @@ def _stage1_select(
         x += tl.sum(pc * qs[None, :], 1)
     x = tl.where(nmask, x, float("-inf"))
     x = tl.where((offs == 0) | (offs == nvis - 1), float("inf"), x)
-    _select_core(x, offs, TB, BLK + row.to(tl.int64) * TB, offs, BLOCK, KP, RADIX)
+    _select_core(x, offs, TB, BLK + row.to(tl.int64) * TB, offs, BLOCK, KP, RADIX, BLK, False)
+
+
+@triton.jit(do_not_specialize=["NB"])
+def _stage1_slice(
+    Q, P, CS, CI, LENP, sqb, sqh, sqt, spb, sph, spn,
+    NSEL, SG, G, D, bs, TB, NB, NSLICE,
+    SGP: tl.constexpr, DP: tl.constexpr, DC: tl.constexpr, SLICE: tl.constexpr, KP: tl.constexpr,
+    RADIX: tl.constexpr,
+):
+    """Stage 1 of a decode query, first level: the top TB visible blocks of one slice of SLICE blocks, with
+    their scores (sink and own block forced with +inf). The key length is read from LENP; a second
+    selection over the slices' candidates gives the row's top TB (the global top TB is among them)."""
+    row = tl.program_id(0)
+    sl = tl.program_id(1)
+    b = (row // NSEL).to(tl.int64)
+    u = row % NSEL
+    kv = (u * SG) // G
+    pos = tl.load(LENP) - 1
+    nvis = pos // bs + 1
+    offs = sl * SLICE + tl.arange(0, SLICE)
+    nmask = (offs < nvis) & (offs < NB)
+    g = tl.arange(0, SGP)
+    h = (u * SG + g).to(tl.int64)
+    x = tl.zeros([SLICE], tl.float32)
+    for d0 in tl.static_range(0, DP, DC):
+        dd = d0 + tl.arange(0, DC)
+        qc = tl.load(Q + b * sqb + h[:, None] * sqh + dd[None, :],
+                     mask=(g[:, None] < SG) & (dd[None, :] < D), other=0.0).to(tl.float32)
+        qs = tl.sum(qc, 0)
+        pc = tl.load(P + b * spb + kv * sph + offs[:, None].to(tl.int64) * spn + dd[None, :],
+                     mask=nmask[:, None] & (dd[None, :] < D), other=0.0)
+        x += tl.sum(pc * qs[None, :], 1)
+    x = tl.where(nmask, x, float("-inf"))
+    x = tl.where(nmask & ((offs == 0) | (offs == nvis - 1)), float("inf"), x)
+    base = (row.to(tl.int64) * NSLICE + sl) * TB
+    _select_core(x, tl.arange(0, SLICE), TB, CI + base, offs, SLICE, KP, RADIX, CS + base, True)
 
 
 @triton.jit(do_not_specialize=["Lq", "q_start", "Lk"])
@@ -174,7 +212,7 @@ def _stage2_select(
                      mask=ok[:, None] & (dd[None, :] < D), other=0.0).to(tl.float32)
         x += tl.sum(kc * qs[None, :], 1)
     x = tl.where(ok, x * scale, float("-inf"))
-    _select_core(x, j, TK, IDX + row.to(tl.int64) * TK, tok, BLOCK, KP, RADIX)
+    _select_core(x, j, TK, IDX + row.to(tl.int64) * TK, tok, BLOCK, KP, RADIX, IDX, False)
 
 
 @triton.jit(do_not_specialize=["Lq", "n_idx", "chunk"])
@@ -243,30 +281,26 @@ def _combine(
     O, PO, PM, PL, sob, soh, sot, NSEL, Lq, SG, D, NSPLIT,
     MP: tl.constexpr, DP: tl.constexpr, SPLITP: tl.constexpr,
 ):
+    """Merge the split-K partials (max, sum, acc) of one query head: program (row, head of its unit)."""
     row = tl.program_id(0)
+    g = tl.program_id(1)
     i = row % Lq
     bu = row // Lq
     b = (bu // NSEL).to(tl.int64)
     u = bu % NSEL
     sp = tl.arange(0, SPLITP)
-    g = tl.arange(0, MP)
     d = tl.arange(0, DP)
     base = row.to(tl.int64) * NSPLIT * MP
-    smask = sp[:, None] < NSPLIT
-    m = tl.load(PM + base + sp[:, None] * MP + g[None, :], mask=smask, other=-1.0e30)  # [S, MP]
-    l = tl.load(PL + base + sp[:, None] * MP + g[None, :], mask=smask, other=0.0)
+    smask = sp < NSPLIT
+    m = tl.load(PM + base + sp * MP + g, mask=smask, other=-1.0e30)
+    l = tl.load(PL + base + sp * MP + g, mask=smask, other=0.0)
     m_max = tl.max(m, 0)
-    w = tl.math.exp2(m - m_max[None, :])
+    w = tl.math.exp2(m - m_max)
     l_tot = tl.sum(w * l, 0)
-    out = tl.zeros([MP, DP], tl.float32)
-    for s in range(0, NSPLIT):
-        ws = tl.sum(tl.where(sp[:, None] == s, w, 0.0), 0)  # [MP]
-        o = tl.load(PO + (base + s * MP + g[:, None]) * DP + d[None, :])
-        out += ws[:, None] * o
-    out = out / tl.where(l_tot > 0, l_tot, 1.0)[:, None]
-    h = u * SG + g
-    tl.store(O + b * sob + h[:, None].to(tl.int64) * soh + i * sot + d[None, :], out.to(O.dtype.element_ty),
-             mask=(g[:, None] < SG) & (d[None, :] < D))
+    o = tl.load(PO + (base + sp[:, None] * MP + g) * DP + d[None, :], mask=smask[:, None], other=0.0)
+    out = tl.sum(w[:, None] * o, 0) / tl.where(l_tot > 0, l_tot, 1.0)
+    h = (u * SG + g).to(tl.int64)
+    tl.store(O + b * sob + h * soh + i * sot + d, out.to(O.dtype.element_ty), mask=d < D)
 
 
 _SM = {}
@@ -355,10 +389,7 @@ def hisa_attention_exact(q, k, v, pooled, config, *, scale, q_start, mask, out, 
             idx = topk_select(s2, TK, n=W2, block_map=blk, map_bs=bs)
         # attention over the kept tokens
         BLOCK_T = 64
-        want = max(1, (2 * _sm_count(dev)) // R)
-        nsplit = max(1, min(want, triton.cdiv(TK, BLOCK_T)))
-        chunk = triton.cdiv(triton.cdiv(TK, nsplit), BLOCK_T) * BLOCK_T
-        nsplit = triton.cdiv(TK, chunk)
+        nsplit, chunk = _split_plan(R, TK, dev, BLOCK_T)
         direct = nsplit == 1
         if direct:
             po = pm = pl = idx  # unused
@@ -375,7 +406,7 @@ def hisa_attention_exact(q, k, v, pooled, config, *, scale, q_start, mask, out, 
             MP=MP, DP=DP, BLOCK_T=BLOCK_T, DIRECT=direct, CONTIG=False, num_warps=4,
         )
         if not direct:
-            _combine[(R,)](
+            _combine[(R, SG)](
                 ov, po, pm, pl, ov.stride(0), ov.stride(1), ov.stride(2), NSEL, n, SG, D, nsplit,
                 MP=MP, DP=DP, SPLITP=max(2, triton.next_power_of_2(nsplit)), num_warps=4,
             )
@@ -383,8 +414,9 @@ def hisa_attention_exact(q, k, v, pooled, config, *, scale, q_start, mask, out, 
 
 
 def _split_plan(R: int, n: int, dev, block_t: int = 64) -> tuple[int, int]:
-    """(nsplit, chunk) for split-K attention of R rows over up to n tokens: about two programs per SM."""
-    want = max(1, (2 * _sm_count(dev)) // R)
+    """(nsplit, chunk) for split-K attention of R rows over up to n tokens: about two programs per SM,
+    at most MAX_SPLITS per row (the combine holds every split of a head in registers)."""
+    want = max(1, min(MAX_SPLITS, (2 * _sm_count(dev)) // R))
     nsplit = max(1, min(want, triton.cdiv(n, block_t)))
     chunk = triton.cdiv(triton.cdiv(n, nsplit), block_t) * block_t
     return triton.cdiv(n, chunk), chunk
@@ -414,7 +446,7 @@ def _attend(q, k, v, idx, out, *, n_idx, scale, length=None, SG, G, NSEL, MP, DP
         MP=MP, DP=DP, BLOCK_T=BLOCK_T, DIRECT=direct, CONTIG=contig, num_warps=4,
     )
     if not direct:
-        _combine[(R,)](
+        _combine[(R, SG)](
             out, po, pm, pl, out.stride(0), out.stride(1), out.stride(2), NSEL, Lq, SG, D, nsplit,
             MP=MP, DP=DP, SPLITP=max(2, triton.next_power_of_2(nsplit)), num_warps=4,
         )
@@ -450,15 +482,19 @@ def hisa_decode_static(q, k, v, pooled, length, config, *, scale, sparse, out):
     BPP = max(1, 128 // BSP)
     R = B * NSEL
     dev = q.device
-    s1 = torch.empty(R, NB, dtype=torch.float32, device=dev)
-    BLOCK_B = 128
-    _block_scores[(R, triton.cdiv(NB, BLOCK_B))](
-        q, pooled, s1, q.stride(0), q.stride(1), q.stride(2),
-        pooled.stride(0), pooled.stride(1), pooled.stride(2), s1.stride(0),
-        NSEL, 1, SG, G, NB, D, SGP=SGP, DP=DP, BLOCK_B=BLOCK_B, num_warps=4,
+    # stage 1 in two levels: the top TB of each slice of blocks (many programs), then the top TB of those
+    SLICE = max(STATIC_SLICE, triton.next_power_of_2(2 * TB))
+    nslice = triton.cdiv(NB, SLICE)
+    cs = torch.empty(R, nslice * TB, dtype=torch.float32, device=dev)
+    ci = torch.empty(R, nslice * TB, dtype=torch.int32, device=dev)
+    _stage1_slice[(R, nslice)](
+        q, pooled, cs, ci, length, q.stride(0), q.stride(1), q.stride(2),
+        pooled.stride(0), pooled.stride(1), pooled.stride(2),
+        NSEL, SG, G, D, bs, TB, NB, nslice,
+        SGP=SGP, DP=DP, DC=16, SLICE=SLICE, KP=max(16, triton.next_power_of_2(TB)), RADIX=RADIX_SELECT,
+        num_warps=4,
     )
-    # the query sits at key index length - 1; blocks past it are masked by the selection
-    blk = topk_select(s1, TB, n=NB, nvis=(-1, 1, 1, bs), pos_base=length)
+    blk = ci if nslice == 1 else topk_select(cs, TB, n=nslice * TB, block_map=ci, map_bs=1)
     s2 = torch.empty(R, TB * bs, dtype=torch.float32, device=dev)
     _token_scores[(R, triton.cdiv(TB, BPP))](
         q, k, blk, s2, s2, length,

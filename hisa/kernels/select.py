@@ -1,7 +1,8 @@
 """Row-wise top-k *selection* (not sorting) in one Triton program per row.
 
 Each row of ``scores`` is held in registers; the k-th largest value is found on the order-preserving
-integer image of the float32 bits, by a radix select (4 passes of a 256-bin histogram; or, with
+integer image of the float32 bits, by a radix select (up to 4 passes of a 256-bin histogram, stopping
+once the bin of the k-th largest is kept whole; or, with
 ``radix=False``, by bisection: 32 counting passes), no sort; then the kept columns
 are compacted in ascending column order with a prefix sum. Ties at the threshold keep the lowest
 columns. Entries equal to -inf (masked) are never kept, so a row with fewer than k finite entries keeps
@@ -23,28 +24,41 @@ RADIX_SELECT = True  # 4 histogram passes (default) or 32 bisection passes
 
 
 @triton.jit
-def _select_core(x, offs, K, OUT_ROW, val, BLOCK: tl.constexpr, KP: tl.constexpr, RADIX: tl.constexpr):
-    """Store at OUT_ROW[0:K] the ``val`` of the K largest finite entries of x (ascending offs), -1 padded."""
+def _select_core(x, offs, K, OUT_ROW, val, BLOCK: tl.constexpr, KP: tl.constexpr, RADIX: tl.constexpr,
+                 OUT_X, STORE_X: tl.constexpr):
+    """Store at OUT_ROW[0:K] the ``val`` of the K largest finite entries of x (ascending offs), -1 padded
+    (with STORE_X also their scores at OUT_X[0:K], -inf padded)."""
     valid = x > float("-inf")
     bits = x.to(tl.int32, bitcast=True)
     key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)
     if RADIX:
-        # radix select, 8 bits per pass, on the unsigned image of the key: 4 histogram passes
+        # radix select, 8 bits per pass, on the unsigned image of the key: up to 4 histogram passes, fewer
+        # when the bin holding the k-th largest is kept whole (then the threshold needs no more bits)
         ukey = key + 2147483648
         bins = tl.arange(0, 256)
-        prefix = tl.min(ukey, 0) * 0
-        krem = K + tl.min(offs, 0) * 0
+        zero = tl.min(offs, 0) * 0
+        prefix = zero.to(tl.int64)
+        krem = K + zero
+        done = zero
+        cut = zero.to(tl.int64)  # the threshold is prefix >> cut, compared with ukey >> cut
         for p in tl.static_range(4):
-            shift = 24 - 8 * p
-            match = (ukey >> (shift + 8)) == (prefix >> (shift + 8))
-            digit = ((ukey >> shift) & 255).to(tl.int32)
-            hist = tl.histogram(digit, 256, mask=match)
-            cum = tl.cumsum(hist, 0)
-            ge = tl.sum(hist, 0) - cum + hist  # matching entries with digit >= bin
-            d_sel = tl.maximum(tl.max(tl.where(ge >= krem, bins, -1), 0), 0)
-            krem = krem - tl.sum(tl.where(bins > d_sel, hist, 0), 0)
-            prefix = prefix | (d_sel.to(tl.int64) << shift)
-        lo = prefix - 2147483648
+            if done == 0:
+                shift = 24 - 8 * p
+                match = (ukey >> (shift + 8)) == (prefix >> (shift + 8))
+                digit = ((ukey >> shift) & 255).to(tl.int32)
+                hist = tl.histogram(digit, 256, mask=match)
+                cum = tl.cumsum(hist, 0)
+                ge = tl.sum(hist, 0) - cum + hist  # matching entries with digit >= bin
+                d_sel = tl.maximum(tl.max(tl.where(ge >= krem, bins, -1), 0), 0)
+                krem = krem - tl.sum(tl.where(bins > d_sel, hist, 0), 0)
+                in_bin = tl.sum(tl.where(bins == d_sel, hist, 0), 0)
+                prefix = prefix | (d_sel.to(tl.int64) << shift)
+                cut = zero.to(tl.int64) + shift
+                done = (in_bin == krem).to(tl.int32)
+        ku = ukey >> cut
+        kt = prefix >> cut
+        gt = ku > kt
+        eq = ku == kt
     else:
         # bisection on the key: 32 counting passes
         lo = tl.min(key, 0)
@@ -55,9 +69,10 @@ def _select_core(x, offs, K, OUT_ROW, val, BLOCK: tl.constexpr, KP: tl.constexpr
             ok = c >= K
             lo = tl.where(ok, mid, lo)
             hi = tl.where(ok, hi, mid - 1)
-    gt = key > lo
+        gt = key > lo
+        eq = key == lo
     n_gt = tl.sum(gt.to(tl.int32), 0)
-    tie = (key == lo).to(tl.int32)
+    tie = eq.to(tl.int32)
     tie_rank = tl.cumsum(tie, 0)
     keep = (gt | ((tie > 0) & (tie_rank <= K - n_gt))) & valid
     keep_i = keep.to(tl.int32)
@@ -66,6 +81,9 @@ def _select_core(x, offs, K, OUT_ROW, val, BLOCK: tl.constexpr, KP: tl.constexpr
     nkeep = tl.sum(keep_i, 0)
     pad = nkeep + tl.arange(0, KP)
     tl.store(OUT_ROW + pad, tl.full([KP], -1, tl.int32), mask=pad < K)
+    if STORE_X:
+        tl.store(OUT_X + dest, x, mask=keep)
+        tl.store(OUT_X + pad, tl.full([KP], float("-inf"), tl.float32), mask=pad < K)
 
 
 @triton.jit(do_not_specialize=["N", "pos0", "L_inner", "nvis_bs"])
@@ -92,7 +110,7 @@ def _select_kernel(
         val = blk * map_bs + offs % map_bs
     else:
         val = offs
-    _select_core(x, offs, K, OUT + row * stride_o, val, BLOCK, KP, RADIX)
+    _select_core(x, offs, K, OUT + row * stride_o, val, BLOCK, KP, RADIX, OUT, False)
 
 
 def _warps(block: int) -> int:
