@@ -117,6 +117,19 @@ def stream_once(client, prompt: list[int], max_tokens: int) -> dict:
     }
 
 
+def gpu_memory(server) -> dict:
+    """The server's GPU memory gauges (bytes) from /metrics: allocated now and peak since start-up."""
+    import re
+    import urllib.request
+
+    text = urllib.request.urlopen(server.url + "/metrics", timeout=30).read().decode()
+    out = {}
+    for key, metric in (("allocated", "hisa_gpu_memory_allocated_bytes"), ("peak", "hisa_gpu_memory_peak_bytes")):
+        m = re.search(rf"^{metric}\{{[^}}]*\}} ([0-9.e+]+)$", text, re.M)
+        out[key] = float(m.group(1)) if m else None
+    return out
+
+
 def run_mode(name: str, server: Server, contexts: list[int], vocab: int, max_tokens: int, followup_len: int) -> list:
     from openai import OpenAI
 
@@ -134,6 +147,8 @@ def run_mode(name: str, server: Server, contexts: list[int], vocab: int, max_tok
         follow = stream_once(client, doc + q2, 8) if n <= followup_len else None
         row = {"mode": name, "context": n, **{k: first[k] for k in ("ttft_s", "itl_ms", "itl_median_ms")},
                "usage": first["usage"]}
+        mem = gpu_memory(server)  # contexts run in increasing order, so the peak so far is this context's
+        row["gpu_peak_gib"] = mem["peak"] / 2**30 if mem["peak"] else None
         if follow:
             row["followup_ttft_s"] = follow["ttft_s"]
             row["followup_ratio"] = follow["ttft_s"] / first["ttft_s"]
@@ -141,6 +156,7 @@ def run_mode(name: str, server: Server, contexts: list[int], vocab: int, max_tok
                 "cached_tokens")
         rows.append(row)
         print(f"{name:6s} {n:>7d}  TTFT {first['ttft_s']:.3f} s  ITL {first['itl_ms']:.2f} ms"
+              + (f"  peak {row['gpu_peak_gib']:.1f} GiB" if row["gpu_peak_gib"] else "")
               + (f"  follow-up TTFT {follow['ttft_s']:.3f} s ({row['followup_ratio']:.2f}x)" if follow else ""),
               flush=True)
     return rows
@@ -203,14 +219,15 @@ def _table(results: dict) -> None:
     rows = results["rows"]
     dense = {r["context"]: r for r in rows if r["mode"] == "dense"}
     print(f"\ncard: {results['card']}")
-    print("| context | mode | TTFT s | TTFT vs dense | ITL ms | ITL vs dense | follow-up TTFT (x first) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| context | mode | TTFT s | TTFT vs dense | ITL ms | ITL vs dense | follow-up TTFT (x first) | peak GPU GiB |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         d = dense.get(r["context"])
         tr = f"{r['ttft_s'] / d['ttft_s']:.2f}" if d else "-"
         ir = f"{r['itl_ms'] / d['itl_ms']:.2f}" if d and r["itl_ms"] and d["itl_ms"] else "-"
         fu = f"{r['followup_ttft_s']:.3f} s ({r['followup_ratio']:.3f})" if "followup_ttft_s" in r else "-"
-        print(f"| {r['context']} | {r['mode']} | {r['ttft_s']:.3f} | {tr} | {r['itl_ms']:.2f} | {ir} | {fu} |")
+        pk = f"{r['gpu_peak_gib']:.1f}" if r.get("gpu_peak_gib") else "-"
+        print(f"| {r['context']} | {r['mode']} | {r['ttft_s']:.3f} | {tr} | {r['itl_ms']:.2f} | {ir} | {fu} | {pk} |")
 
 
 if __name__ == "__main__":

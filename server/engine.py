@@ -484,6 +484,9 @@ class Engine:
         m.labels(m.pooled_bytes).set(s["live_cache_bytes"]["pooled"] + s["prefix_cache_bytes"]["pooled"])
         m.labels(m.prefix_bytes).set(sum(s["prefix_cache_bytes"].values()))
         m.labels(m.prefix_tokens).set(s["prefix_cache_tokens"])
+        if self.device is not None and self.device.type == "cuda":
+            m.labels(m.gpu_allocated).set(torch.cuda.memory_allocated(self.device))
+            m.labels(m.gpu_peak).set(torch.cuda.max_memory_allocated(self.device))
 
     # -- the worker thread -------------------------------------------------------------------------------
     def _run(self) -> None:

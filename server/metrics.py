@@ -56,6 +56,10 @@ class Metrics:
         self.prefix_tokens = Gauge("hisa_prefix_cache_tokens", "Token capacity held by the prefix cache", labels,
                                    registry=r)
         self.max_model_len = Gauge("hisa_max_model_len", "Longest context accepted", labels, registry=r)
+        self.gpu_allocated = Gauge("hisa_gpu_memory_allocated_bytes", "GPU memory held by tensors (model, caches, "
+                                   "activations; CUDA only)", labels, registry=r)
+        self.gpu_peak = Gauge("hisa_gpu_memory_peak_bytes", "Peak GPU memory held by tensors since start-up "
+                              "(CUDA only)", labels, registry=r)
         self.name = model_name
         # zero-valued series exist from the start (dashboards and rate() see them before the first event)
         for reason in ("stop", "length"):
