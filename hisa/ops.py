@@ -111,20 +111,29 @@ def _decode_backends():
 def sdpa_dense(q, k, v, *, scale=None, mask=None) -> torch.Tensor:
     """Causal dense attention through SDPA (bottom-right aligned causality, optional mask).
 
-    Short query chunks (decode) avoid the cuDNN backend: its execution plan is keyed by the key length,
-    which grows every step, and rebuilding it cost ~2 ms per layer and step on an H100 (torch 2.11).
-    Prefill lets SDPA choose, as stock transformers does (on an H200 with torch 2.11 it picks a backend
-    with native GQA: 0.65 ms at 8k, no per-length plan; cuDNN pinned pays ~40 ms per new length)."""
+    On CUDA the cuDNN backend is excluded: it builds and caches an execution plan per sequence length, which
+    on an H200 with torch 2.11 cost ~35 ms per new prompt length and ~2 MB of host memory that is never given
+    back (a server sees a new length with nearly every request; 200 lengths grew the process by 340-540 MB),
+    and ~2 ms per layer and step in decode, where the key length grows every step. Flash / memory-efficient
+    attention take GQA natively for plain causal calls; calls that need an explicit mask (a chunk after a
+    cached prefix) get K/V expanded to every query head so that memory-efficient attention qualifies (a math
+    fallback would materialise Lq x Lk scores)."""
     from torch.nn.attention import sdpa_kernel  # noqa: PLC0415
 
     from .kernels import EXACT_MAX_QUERIES  # noqa: PLC0415
 
+    Lq, Lk = q.shape[2], k.shape[2]
     mask = mask_to_bool(mask)
     kw = {"scale": scale, "enable_gqa": q.shape[1] != k.shape[1]}
-    if q.is_cuda and q.shape[2] <= EXACT_MAX_QUERIES:
-        with sdpa_kernel(_decode_backends()):
-            return _sdpa(q, k, v, mask, kw)
-    return _sdpa(q, k, v, mask, kw)
+    if not q.is_cuda:
+        return _sdpa(q, k, v, mask, kw)
+    needs_mask = mask is not None or Lq not in (1, Lk)
+    if Lq > EXACT_MAX_QUERIES and kw["enable_gqa"] and needs_mask:
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        kw["enable_gqa"] = False
+    with sdpa_kernel(_decode_backends()):
+        return _sdpa(q, k, v, mask, kw)
 
 
 def _sdpa(q, k, v, mask, kw):
