@@ -175,6 +175,7 @@ class Engine:
         self.model = None
         self.tokenizer = None
         self.device = None
+        self._trim_pending = False  # requests ended since the engine was last idle
         self.dtype = None
         self.max_model_len = 0
         self.kv_budget_tokens = 0
@@ -504,6 +505,10 @@ class Engine:
             while True:
                 try:
                     with self._cv:
+                        idle = not self._waiting and not self._active
+                    if idle and self._trim_pending:
+                        self._trim_gpu_memory()
+                    with self._cv:
                         while not self._stop and not self._waiting and not self._active:
                             self._cv.wait(1.0)
                         if self._stop:
@@ -518,6 +523,14 @@ class Engine:
                     self._fail_active()
         for seq in list(self._active):
             self._drop(seq)
+
+    def _trim_gpu_memory(self) -> None:
+        """When the engine goes idle after requests ended: give the memory pools of their dropped CUDA graphs
+        (and other freed blocks) back to the driver, so that GPU memory returns to its resting level."""
+        self._trim_pending = False
+        if self.device is not None and self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            self._set_memory_gauges()
 
     def _fail_active(self) -> None:
         for seq in list(self._active):
@@ -732,7 +745,9 @@ class Engine:
         # keep the cache for follow-ups: it holds K/V of prompt + generated tokens except the last one
         cache = seq.cache
         seq.cache = None
-        hisa.DecodeStep.forget(cache)  # a cached prefix keeps its K/V, not the decode graph's memory
+        # the cache keeps its recorded decode graph: a follow-up that takes this prefix replays it without
+        # recording again (the graph dies with the cache when the prefix cache evicts it)
+        self._trim_pending = True
         held = cache.get_seq_length()
         tokens = torch.tensor((seq.job.prompt_ids + seq.generated)[:held], dtype=torch.long)
         self.prefix_cache.put(tokens, cache, req.cache_tag)
@@ -751,6 +766,7 @@ class Engine:
         if seq.cache is not None:
             seq.cache.release()
             seq.cache = None
+            self._trim_pending = True
         with self._cv:
             if seq in self._active:
                 self._active.remove(seq)
