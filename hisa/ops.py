@@ -115,9 +115,9 @@ def sdpa_dense(q, k, v, *, scale=None, mask=None) -> torch.Tensor:
     on an H200 with torch 2.11 cost ~35 ms per new prompt length and ~2 MB of host memory that is never given
     back (a server sees a new length with nearly every request; 200 lengths grew the process by 340-540 MB),
     and ~2 ms per layer and step in decode, where the key length grows every step. Flash / memory-efficient
-    attention take GQA natively for plain causal calls; calls that need an explicit mask (a chunk after a
-    cached prefix) get K/V expanded to every query head so that memory-efficient attention qualifies (a math
-    fallback would materialise Lq x Lk scores)."""
+    attention take GQA natively for plain causal calls, including chunks after cached keys (lower-right
+    causal bias); calls with an explicit (padding) mask get K/V expanded to every query head so that
+    memory-efficient attention qualifies (a math fallback would materialise Lq x Lk scores)."""
     from torch.nn.attention import sdpa_kernel  # noqa: PLC0415
 
     from .kernels import EXACT_MAX_QUERIES  # noqa: PLC0415
@@ -127,13 +127,35 @@ def sdpa_dense(q, k, v, *, scale=None, mask=None) -> torch.Tensor:
     kw = {"scale": scale, "enable_gqa": q.shape[1] != k.shape[1]}
     if not q.is_cuda:
         return _sdpa(q, k, v, mask, kw)
-    needs_mask = mask is not None or Lq not in (1, Lk)
-    if Lq > EXACT_MAX_QUERIES and kw["enable_gqa"] and needs_mask:
-        rep = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        kw["enable_gqa"] = False
     with sdpa_kernel(_decode_backends()):
+        if mask is None and 1 < Lq < Lk:
+            # a chunk after cached keys (a follow-up question, a later prefill chunk): bottom-right aligned
+            # causality as a CausalBias, which flash / memory-efficient attention implement without a mask
+            out = _sdpa_lower_right(q, k, v, kw)
+            if out is not None:
+                return out
+        if Lq > EXACT_MAX_QUERIES and kw["enable_gqa"] and (mask is not None or Lq not in (1, Lk)):
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            kw["enable_gqa"] = False
         return _sdpa(q, k, v, mask, kw)
+
+
+_LOWER_RIGHT_OK = [True]
+
+
+def _sdpa_lower_right(q, k, v, kw):
+    """SDPA with a lower-right causal bias, or None where this torch cannot run it (then an explicit mask)."""
+    if not _LOWER_RIGHT_OK[0]:
+        return None
+    from torch.nn.attention.bias import causal_lower_right  # noqa: PLC0415
+
+    try:
+        bias = causal_lower_right(q.shape[2], k.shape[2])
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, **kw)
+    except (RuntimeError, TypeError, NotImplementedError, ValueError):
+        _LOWER_RIGHT_OK[0] = False
+        return None
 
 
 def _sdpa(q, k, v, mask, kw):
