@@ -199,7 +199,7 @@ def decode_case(L, D, cfg, dtype, results, nsets=4):
             "eager_ms": bench(rot(h)), "graph_ms": graph_time([lambda s=s: h(*s) for s in sets])}
     exact.FUSED, exact.RADIX_SELECT, select.RADIX_SELECT = True, True, True
     # the graph-recordable decode (what hisa.DecodeStep replays in the server): length in device memory
-    length = torch.full((1,), L, dtype=torch.int32, device="cuda")
+    length = torch.tensor([L, L - 1], dtype=torch.int32, device="cuda")
     for sparse in (True, False):
         st = lambda q, k, v, p, sparse=sparse: kernels.decode_static(q, k, v, p, length, cfg, sparse=sparse)  # noqa: E731
         st(*sets[0])

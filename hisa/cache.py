@@ -47,9 +47,9 @@ class HisaLayer(DynamicLayer):
         self.growth = growth
         self.length = 0
         self._k = self._v = self._psum = self._pooled = None
-        # set by hisa.graph.DecodeStep while it records a step: a one-element device tensor holding the
-        # length after the step; update() then writes one token at static_len - 1 into the full buffers
-        # and returns them whole (shapes independent of the length, as a CUDA graph needs)
+        # set by hisa.graph.DecodeStep while it records a step: a device tensor [length after the step,
+        # position of the first new token]; update() then writes the new tokens there into the full
+        # buffers and returns them whole (shapes independent of the length, as a CUDA graph needs)
         self.static_len: torch.Tensor | None = None
         self.static_sparse = False
 
@@ -142,8 +142,8 @@ class HisaLayer(DynamicLayer):
         return self.keys, self.values
 
     def _update_static(self, key_states, value_states):
-        """Graph-capturable append of one token at ``static_len - 1`` (the host-side ``length`` is advanced
-        by the caller, who knows how many steps ran); returns the full buffers, tagged with this layer."""
+        """Graph-capturable append of the new tokens at ``static_len[1]`` (the host-side ``length`` is
+        advanced by the caller, who knows what ran); returns the full buffers, tagged with this layer."""
         from . import ops  # noqa: PLC0415
 
         ops.append_static(self._k, self._v, self._psum, self._pooled, key_states, value_states, self.static_len,
@@ -260,7 +260,7 @@ class HisaCache(Cache):
     def __init__(self, config: HisaConfig | None = None, max_cache_len: int | None = None, num_layers: int | None = None):
         self.hisa_config = config or HisaConfig()
         self.prealloc_len = max_cache_len
-        self.decode_graph = None  # set by hisa.graph.DecodeStep: the CUDA graph recorded over these buffers
+        self.decode_graphs: dict = {}  # hisa.graph.DecodeStep's CUDA graphs recorded over these buffers
         layers = [self._new_layer() for _ in range(num_layers or 0)]
         super().__init__(layers=layers)
 
@@ -294,7 +294,7 @@ class HisaCache(Cache):
             layer.reset()
 
     def release(self) -> None:
-        self.decode_graph = None
+        self.decode_graphs.clear()
         for layer in self.layers:
             layer.release()
 

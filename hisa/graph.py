@@ -16,7 +16,9 @@ What makes the forward recordable: while recording, the cache's layers append th
 read from device memory (``HisaLayer.static_len``) and hand attention their full-capacity buffers;
 attention then runs :func:`hisa.ops.decode_static`, whose kernels read the key length from the same device
 tensor. Nothing in the step depends on the length on the host, so one graph serves every step until the
-cache's capacity is reached. The graph is kept on the cache (``cache.decode_graph``) and dies with it. Dense and sparse attention are separate graphs: a step records the sparse one
+cache's capacity is reached. The graphs are kept on the cache (``cache.decode_graphs``) and die with it.
+``DecodeStep.chunk`` does the same for a few new tokens at once (a follow-up question after a cached
+document), in fixed-size recorded steps. Dense and sparse attention are separate graphs: a step records the sparse one
 when the context crosses :func:`hisa.attention.sparse_for`'s threshold.
 
 Without CUDA graphs (CPU, no Triton kernels, ``graphs=False``, or a recording that failed) the step runs
@@ -109,22 +111,30 @@ def _fused_elementwise(model):
             undo()
 
 
+CHUNK = 16  # tokens per recorded chunk step (DecodeStep.chunk): a follow-up question's new tokens
+
+
 @dataclass
 class _Recorded:
     key: tuple
     graph: object  # torch.cuda.CUDAGraph
-    ids: torch.Tensor  # [B, 1] static input token ids
-    pos: torch.Tensor  # [B, 1] static position ids
-    length: torch.Tensor  # [1] int32: key length after the step
+    ids: torch.Tensor  # [B, T] static input token ids
+    pos: torch.Tensor  # [B, T] static position ids
+    length: torch.Tensor  # [2] int32: [key length after the step, position of the first new token]
+    select: torch.Tensor  # [1] int64: which of the T positions' logits to return (the last real token)
     logits: torch.Tensor  # [B, vocab] static output
 
 
 class DecodeStep:
-    """One-token decode steps of a HISA-patched ``model``; see the module docstring.
+    """Decode steps of a HISA-patched ``model`` from CUDA graphs; see the module docstring.
+
+    ``step(token, cache)`` feeds one token per sequence; ``step.chunk(ids, cache)`` feeds a few tokens (up
+    to ``CHUNK`` per recorded step, e.g. a follow-up question after a cached document), both returning the
+    next-token logits [B, vocab] (valid until the next call).
 
     ``graphs``: record and replay CUDA graphs (default: on CUDA when HISA's Triton kernels are
     available). ``static``: without graphs, still run the graph's code path eagerly (full-capacity
-    buffers, device-side length); used by tests to check that path on the CPU.
+    buffers, device-side positions); used by tests to check that path on the CPU.
     """
 
     def __init__(self, model, *, graphs: bool | None = None, static: bool = False, fuse: bool = True):
@@ -144,87 +154,133 @@ class DecodeStep:
         text = model.config.get_text_config(decoder=True)
         self.num_layers = text.num_hidden_layers
         heads = text.num_attention_heads
-        self._probe = param.new_empty(1, heads, 1, getattr(text, "head_dim", None) or text.hidden_size // heads)
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        self._probes = {t: param.new_empty(1, heads, t, head_dim) for t in (1, CHUNK)}
         self._warm: set = set()
         self._stream = None
+        self._arange = torch.arange(CHUNK, device=self.device)
         self.replays = 0  # steps replayed from a CUDA graph
         self.static_steps = 0  # steps that ran the static path eagerly (graphs=False, static=True)
         self.recordings = 0
         self.failed: str | None = None  # why graphs were turned off, if they were
 
     # -- the model's forward ---------------------------------------------------------------------------
-    def forward(self, ids: torch.Tensor, cache, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [B, vocab] of the last position of ``ids`` [B, L] run over ``cache``."""
+    def forward(self, ids: torch.Tensor, cache, position_ids: torch.Tensor | None = None,
+                select: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, vocab] of the last position of ``ids`` [B, L] run over ``cache`` (or of position
+        ``select`` [1], a device tensor)."""
         kwargs = {self._cache_kw: cache, "use_cache": True}
         if position_ids is not None:
             kwargs["position_ids"] = position_ids
+        keep = ids.shape[1] if select is not None else 1
         if self._logits_to_keep:
-            return self.model(input_ids=ids, logits_to_keep=1, **kwargs).logits[:, -1]
-        hidden = self.model.get_decoder()(input_ids=ids, **kwargs).last_hidden_state
-        return self.model.lm_head(hidden[:, -1:])[:, -1]
+            logits = self.model(input_ids=ids, logits_to_keep=keep, **kwargs).logits
+        else:
+            hidden = self.model.get_decoder()(input_ids=ids, **kwargs).last_hidden_state
+            logits = self.model.lm_head(hidden[:, -keep:])
+        if select is None:
+            return logits[:, -1]
+        return logits.index_select(1, select)[:, 0]
 
     # -- public API --------------------------------------------------------------------------------------
     def __call__(self, token: torch.Tensor, cache) -> torch.Tensor:
         """Logits [B, vocab] after feeding ``token`` (one id per sequence, on the model's device) to the
         model over ``cache``, which advances by one position."""
-        ids = token.reshape(-1, 1)
+        return self._step(token.reshape(-1, 1), cache, 1)
+
+    def chunk(self, ids: torch.Tensor, cache) -> torch.Tensor:
+        """Logits [B, vocab] after feeding ``ids`` [B, L] (a few tokens after cached ones: a follow-up
+        question) to the model over ``cache``. Runs in steps of up to ``CHUNK`` tokens, each replayed from a
+        graph recorded once per cache (shorter steps are padded: the padding is written past the cache's
+        length, where the next tokens overwrite it). Attention over the new tokens is dense, as the eager
+        path computes it for so few queries below its decode crossover; elsewhere the eager forward runs."""
+        if ids.dim() == 1:
+            ids = ids.view(1, -1)
+        logits = None
+        for s0 in range(0, ids.shape[1], CHUNK):
+            logits = self._step(ids[:, s0 : s0 + CHUNK], cache, CHUNK)
+        return logits
+
+    @staticmethod
+    def forget(cache) -> None:
+        """Drop the graphs recorded over ``cache`` (their memory pools are freed). ``HisaCache.release()``
+        drops them too."""
+        if getattr(cache, "decode_graphs", None):
+            cache.decode_graphs.clear()
+
+    # -- internals -----------------------------------------------------------------------------------
+    def _step(self, ids: torch.Tensor, cache, width: int) -> torch.Tensor:
+        """Feed ``ids`` [B, t] (t <= width) through the static path recorded for ``width`` tokens."""
         n = cache.get_seq_length()
-        plan = self._plan(cache, ids.shape[0], n) if self.static else None
+        t = ids.shape[1]
+        plan = self._plan(cache, ids.shape[0], n, t, width) if self.static else None
         if plan is None:
             return self.forward(ids, cache)
         flags, key = plan
         if not self.graphs:
-            return self._static_eager(ids, cache, n, flags)
-        rec = getattr(cache, "decode_graph", None)
+            return self._static_eager(ids, cache, n, width, flags)
+        graphs = cache.decode_graphs
+        rec = graphs.get(width)
         if rec is None or rec.key != key:
-            cache.decode_graph = None
+            graphs.pop(width, None)
             try:
-                rec = self._record(ids, cache, n, flags, key)
+                rec = self._record(ids, cache, n, width, flags, key)
             except Exception as e:  # noqa: BLE001 - a model we cannot record still decodes, eagerly
                 self._disarm(cache)
                 if self.fuse:  # try again without the compiled elementwise code
                     log.warning("recording the decode step with fused elementwise code failed (%s: %s); "
                                 "recording without it", type(e).__name__, e)
                     self.fuse = False
-                    return self(token, cache)
+                    return self._step(ids, cache, width)
                 self._disable(f"{type(e).__name__}: {e}")
                 return self.forward(ids, cache)
-            cache.decode_graph = rec
-        rec.ids.copy_(ids)
-        rec.pos.fill_(n)
-        rec.length.fill_(n + 1)
+            graphs[width] = rec
+        self._set_inputs(rec, ids, n, width)
         rec.graph.replay()
         self.replays += 1
-        self._advance(cache, n + 1, flags)
+        self._advance(cache, n, t, flags)
         return rec.logits
 
-    @staticmethod
-    def forget(cache) -> None:
-        """Drop the graph recorded over ``cache`` (its memory pool is freed); call when a sequence ends.
-        (``HisaCache.release()`` drops it too.)"""
-        if hasattr(cache, "decode_graph"):
-            cache.decode_graph = None
+    def _set_inputs(self, rec: _Recorded, ids, n: int, width: int) -> None:
+        t = ids.shape[1]
+        rec.ids[:, :t].copy_(ids)
+        if width == 1:
+            rec.pos.fill_(n)
+        else:
+            torch.add(self._arange[:width], n, out=rec.pos[0])
+            if rec.pos.shape[0] > 1:
+                rec.pos[1:].copy_(rec.pos[:1].expand(rec.pos.shape[0] - 1, -1))
+        rec.length[0].fill_(n + t)
+        rec.length[1].fill_(n)
+        rec.select.fill_(t - 1)
 
-    # -- internals -----------------------------------------------------------------------------------
     def _disable(self, why: str) -> None:
         log.warning("CUDA-graph decode turned off, decoding eagerly from now on: %s", why)
         self.failed = why
         self.graphs = self.static = False
 
-    def _plan(self, cache, batch: int, n: int):
+    def _plan(self, cache, batch: int, n: int, t: int, width: int):
         """(per-layer sparse flags, graph key) when this step can take the static path, else None."""
-        if not isinstance(cache, HisaCache) or n == 0 or len(cache.layers) != self.num_layers:
+        if not isinstance(cache, HisaCache) or n == 0 or t == 0 or len(cache.layers) != self.num_layers:
             return None
         layers = cache.layers
         first = layers[0]
         if any(not layer.is_initialized for layer in layers) or first._k.shape[0] != batch:
             return None
-        if any(layer.length != n or layer.capacity < n + 1 for layer in layers):
+        if any(layer.length != n or layer.capacity < n + width for layer in layers):
             return None  # ragged layers or a full cache: the eager step (which grows the buffers) runs
         cfg = attention.effective_config(getattr(self.model, "hisa_config", None) or HisaConfig())
-        flags = tuple(attention.sparse_for(cfg, i, self._probe, n + 1, static=True) for i in range(self.num_layers))
-        if self.graphs and any(flags) and first._pooled.shape[2] > _max_static_blocks():
-            return None
+        if width == 1:
+            flags = tuple(attention.sparse_for(cfg, i, self._probes[1], n + 1, static=True)
+                          for i in range(self.num_layers))
+            if self.graphs and any(flags) and first._pooled.shape[2] > _max_static_blocks():
+                return None
+        else:
+            # chunks are recorded with dense attention only: where the eager path would attend sparsely to
+            # these few queries (past its decode crossover), let it
+            if any(attention.sparse_for(cfg, i, self._probes[CHUNK], n + t) for i in range(self.num_layers)):
+                return None
+            flags = (False,) * self.num_layers
         key = (flags, cfg, batch, first.capacity, first._k.data_ptr())
         return flags, key
 
@@ -239,62 +295,69 @@ class DecodeStep:
             layer.static_len = None
             layer.static_sparse = False
 
-    def _advance(self, cache, length: int, flags) -> None:
+    def _advance(self, cache, n: int, t: int, flags) -> None:
         for layer in cache.layers:
-            layer.length = length
-        stats_on = attention._stats.get() is not None
-        if stats_on:
+            layer.length = n + t
+        if attention._stats.get() is not None:
             cfg = attention.effective_config(getattr(self.model, "hisa_config", None) or HisaConfig())
             batch = cache.layers[0]._k.shape[0]
             for i, sparse in enumerate(flags):
-                attention.count(i, batch, 1, length, cfg.top_k if sparse else None)
+                attention.count(i, batch, t, n + t, cfg.top_k if sparse else None)
 
     def _fusions(self):
         return _fused_elementwise(self.model) if self.fuse else contextlib.nullcontext()
 
-    def _static_eager(self, ids, cache, n: int, flags) -> torch.Tensor:
-        length = torch.full((1,), n + 1, dtype=torch.int32, device=self.device)
-        pos = torch.full_like(ids, n)
-        self._arm(cache, length, flags)
+    def _new_inputs(self, ids, n: int, width: int) -> _Recorded:
+        B, t = ids.shape
+        rec_ids = torch.zeros(B, width, dtype=ids.dtype, device=self.device)
+        rec = _Recorded(key=None, graph=None, ids=rec_ids, pos=torch.zeros_like(rec_ids),
+                        length=torch.zeros(2, dtype=torch.int32, device=self.device),
+                        select=torch.zeros(1, dtype=torch.long, device=self.device), logits=None)
+        self._set_inputs(rec, ids, n, width)
+        return rec
+
+    def _static_eager(self, ids, cache, n: int, width: int, flags) -> torch.Tensor:
+        rec = self._new_inputs(ids, n, width)
+        self._arm(cache, rec.length, flags)
         try:
             with attention.untracked():
-                logits = self.forward(ids, cache, pos)
+                logits = self.forward(rec.ids, cache, rec.pos, rec.select if width > 1 else None)
         finally:
             self._disarm(cache)
-        self._advance(cache, n + 1, flags)
+        self._advance(cache, n, ids.shape[1], flags)
         self.static_steps += 1
         return logits
 
-    def _record(self, ids, cache, n: int, flags, key) -> _Recorded:
-        B = ids.shape[0]
-        rec_ids = ids.clone()
-        pos = torch.full_like(ids, n)
-        length = torch.full((1,), n + 1, dtype=torch.int32, device=self.device)
+    def _record(self, ids, cache, n: int, width: int, flags, key) -> _Recorded:
+        rec = self._new_inputs(ids, n, width)
+        rec.key = key
+        select = rec.select if width > 1 else None
         if self._stream is None:
             self._stream = torch.cuda.Stream(self.device)
         stream = self._stream
         stream.wait_stream(torch.cuda.current_stream(self.device))
         # the first recording of each kernel variant runs the step once first (Triton compiles, cuBLAS
         # initialises on this stream); every write of the step is idempotent, so running it twice is harmless
-        warm_key = (flags, key[1], B, _bucket(cache.layers[0].capacity))
-        self._arm(cache, length, flags)
+        warm_key = (flags, key[1], ids.shape[0], width, _bucket(cache.layers[0].capacity))
+        self._arm(cache, rec.length, flags)
         try:
             with attention.untracked(), torch.cuda.stream(stream), self._fusions():
                 if warm_key not in self._warm:
-                    self.forward(rec_ids, cache, pos)
+                    self.forward(rec.ids, cache, rec.pos, select)
                     stream.synchronize()
                     self._warm.add(warm_key)
                 graph = torch.cuda.CUDAGraph()
                 graph.capture_begin(capture_error_mode="thread_local")
                 try:
-                    logits = self.forward(rec_ids, cache, pos)
+                    rec.logits = self.forward(rec.ids, cache, rec.pos, select)
                 finally:
                     graph.capture_end()
         finally:
             self._disarm(cache)
         torch.cuda.current_stream(self.device).wait_stream(stream)
+        rec.graph = graph
         self.recordings += 1
-        return _Recorded(key=key, graph=graph, ids=rec_ids, pos=pos, length=length, logits=logits)
+        return rec
 
 
 def _bucket(capacity: int) -> int:

@@ -22,7 +22,7 @@ import os
 import torch
 
 from .config import HisaConfig
-from .reference import hisa_attention_reference, mask_to_bool
+from .reference import dense_attention_reference, hisa_attention_reference, mask_to_bool
 
 _BACKEND_ENV = "HISA_BACKEND"
 BACKENDS = ("auto", "reference", "reference_tiled", "triton")
@@ -192,37 +192,42 @@ def hisa_attention(
 
 
 def decode_static(q, k, v, pooled, length, config: HisaConfig, *, scale=None, sparse: bool = True):
-    """One decode query per sequence over full-capacity K/V buffers [B, Hkv, cap, D] whose live length
-    is ``length[0]`` (a one-element int tensor on q's device; the query is the last live key).
+    """Attention of Lq new queries at positions length[1] .. length[1] + Lq - 1 over full-capacity K/V buffers
+    [B, Hkv, cap, D]; ``length`` is a two-element int tensor on q's device: [key length the pooled keys
+    cover, position of the first query] (a decode step: [n, n - 1]). ``sparse`` (Lq = 1): HISA over the
+    first length[0] keys; else dense causal attention.
 
-    On the Triton backend nothing depends on the length on the host, so a CUDA graph can capture the
-    call once and replay it as the cache grows. Elsewhere the length is read back and the reference runs
-    on the live prefix (same results, no graph)."""
+    On the Triton backend nothing depends on the positions on the host, so a CUDA graph can capture the call
+    once and replay it as the cache grows. Elsewhere the positions are read back and the reference runs on
+    the live prefix (same results, no graph)."""
     if backend_for(q) == "triton":
         return _triton_backend().decode_static(q, k, v, pooled, length, config, scale=scale, sparse=sparse)
-    n = int(length.reshape(-1)[0])
-    k, v = k[:, :, :n], v[:, :, :n]
+    n, start = (int(x) for x in length.reshape(-1)[:2].tolist())
     if sparse:
         nb = -(-n // config.block_size)
-        return hisa_attention_reference(q, k, v, pooled[:, :, :nb], config, scale=scale)
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+        return hisa_attention_reference(q, k[:, :, :n], v[:, :, :n], pooled[:, :, :nb], config, scale=scale)
+    end = start + q.shape[2]
+    return dense_attention_reference(q, k[:, :, :end], v[:, :, :end], scale=scale).to(q.dtype)
 
 
 def append_static(k_cache, v_cache, psum, pooled, k_new, v_new, length, block_size: int) -> None:
-    """Write one new token per sequence at position ``length[0] - 1`` of a cache's buffers and refresh
-    its block's pooled key; graph-capturable on the Triton backend (see :func:`decode_static`)."""
+    """Write the T new tokens per sequence (k_new [B, H, T, D]) at positions length[1] .. length[1] + T - 1 of a
+    cache's buffers and refresh the pooled keys of the blocks holding real tokens, which end at length[0]
+    (later rows are padding of a fixed-size chunk); graph-capturable on the Triton backend (see
+    :func:`decode_static`)."""
     if k_new.is_cuda and _triton_backend() is not None:
         from .kernels.pool import append_token  # noqa: PLC0415
 
         append_token(k_cache, v_cache, psum, pooled, k_new, v_new, length, block_size)
         return
-    p = int(length.reshape(-1)[0]) - 1
-    k_cache[:, :, p] = k_new[:, :, 0]
-    v_cache[:, :, p] = v_new[:, :, 0]
-    b = p // block_size
-    s = k_cache[:, :, b * block_size : p + 1].float().sum(dim=2)
-    psum[:, :, b] = s
-    pooled[:, :, b] = s / (p + 1 - b * block_size)
+    end, start = (int(x) for x in length.reshape(-1)[:2].tolist())
+    t = k_new.shape[2]
+    k_cache[:, :, start : start + t] = k_new
+    v_cache[:, :, start : start + t] = v_new
+    for b in range(start // block_size, (end - 1) // block_size + 1):
+        s = k_cache[:, :, b * block_size : min(end, (b + 1) * block_size)].float().sum(dim=2)
+        psum[:, :, b] = s
+        pooled[:, :, b] = s / (min(end, (b + 1) * block_size) - b * block_size)
 
 
 def warmup(config: HisaConfig, *, num_heads: int, num_kv_heads: int, head_dim: int, max_len: int,
@@ -259,7 +264,7 @@ def warmup(config: HisaConfig, *, num_heads: int, num_kv_heads: int, head_dim: i
             _triton_backend().hisa_attention(q, k, v, pooled, config, scale=head_dim**-0.5)
         # the graph-recorded decode kernels (hisa.graph.DecodeStep), sized by the cache capacity
         q = torch.randn(1, num_heads, 1, head_dim, device=device, dtype=dtype, generator=g)
-        length = torch.full((1,), L, dtype=torch.int32, device=device)
+        length = torch.tensor([L, L - 1], dtype=torch.int32, device=device)
         for sparse in (False, True):
             if not sparse or not static_prefers_dense(q, L):
                 _triton_backend().decode_static(q, k, v, pooled, length, config, scale=head_dim**-0.5, sparse=sparse)

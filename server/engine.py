@@ -46,6 +46,9 @@ GROWTH_RESERVE = 2048
 CPU_MIN_CONTEXT = 1 << 30
 
 
+GRAPH_CHUNK_MAX = 64  # prompt tokens after a cached prefix that run as recorded CUDA-graph steps
+
+
 class _Cancelled(Exception):
     """Raised inside a forward pass to abandon a prefill chunk of a cancelled request."""
 
@@ -629,7 +632,12 @@ class Engine:
         ids = seq.prompt[start:end].to(self.device, non_blocking=True).view(1, -1)
         self._prefilling = seq  # lets _cancel_hook stop this chunk between layers
         try:
-            logits = self._tracked(seq, self.forward, ids, seq.cache)
+            if start > 0 and end - start <= GRAPH_CHUNK_MAX and self.stepper.graphs:
+                # a few tokens after a cached prefix (a follow-up question): replayed CUDA-graph steps instead
+                # of an eager forward whose host-side launches cost more than the GPU work
+                logits = self._tracked(seq, self.stepper.chunk, ids, seq.cache)[0]
+            else:
+                logits = self._tracked(seq, self.forward, ids, seq.cache)
         finally:
             self._prefilling = None
         seq.pos = end

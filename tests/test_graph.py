@@ -106,6 +106,43 @@ def test_full_cache_falls_back_to_growing_cpu():
     assert cache.layers[0].capacity >= 309
 
 
+@pytest.mark.parametrize("lengths", [(5,), (16,), (23, 3)], ids=["5", "16", "23+3"])
+def test_static_chunk_matches_eager_cpu(lengths):
+    """DecodeStep.chunk (a follow-up question after a cached prefix, in padded 16-token steps) gives the
+    eager forward's logits and leaves the cache as the eager path does; decoding then continues alike."""
+    cfg = HisaConfig(block_size=8, top_blocks=64, top_k=512, min_context=0)  # dense here: the chunk path's case
+    model = apply_hisa(tiny_model("llama", layers=2), cfg)
+    prompt = torch.randint(0, 256, (1, 37))
+    chunks = [torch.randint(0, 256, (1, n)) for n in lengths]
+    step = hisa.DecodeStep(model, graphs=False, static=True)
+    with torch.inference_mode():
+        caches, outs = [], []
+        for use_step in (False, True):
+            cache = new_cache(model, max_cache_len=200)
+            model(input_ids=prompt, use_cache=True, **cache_kw(model, cache))
+            got = []
+            for c in chunks:
+                if use_step:
+                    got.append(step.chunk(c, cache).float())
+                else:
+                    got.append(model(input_ids=c, use_cache=True, **cache_kw(model, cache)).logits[:, -1].float())
+            token = got[-1].argmax(-1)
+            for _ in range(5):
+                logits = (step(token, cache) if use_step else
+                          model(input_ids=token.view(1, 1), use_cache=True, **cache_kw(model, cache)).logits[:, -1])
+                got.append(logits.float())
+                token = logits.argmax(-1)
+            caches.append(cache)
+            outs.append(torch.stack(got))
+    assert step.static_steps == sum(-(-n // 16) for n in lengths) + 5
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)
+    total = 37 + sum(lengths) + 5
+    for a, b in zip(caches[1].layers, caches[0].layers):
+        assert a.length == b.length == total
+        torch.testing.assert_close(a.keys, b.keys)
+        torch.testing.assert_close(a.pooled_keys, pool_keys(a.keys, cfg.block_size), atol=1e-5, rtol=1e-5)
+
+
 def test_plain_step_without_static_is_the_forward_cpu():
     model = apply_hisa(tiny_model("qwen2"), SPARSE)
     prompt = torch.randint(0, 256, (2, 12))
@@ -176,7 +213,7 @@ def test_decode_static_kernel_matches_reference(sparse, G, D):
         q = torch.randn(1, Hkv * G, 1, D, device=dev, dtype=dt)
         pooled = torch.zeros(1, Hkv, cap // 64, D, device=dev)
         pooled[:, :, : math.ceil(n / 64)] = pool_keys(k[:, :, :n], 64)
-        length = torch.tensor([n], dtype=torch.int32, device=dev)
+        length = torch.tensor([n, n - 1], dtype=torch.int32, device=dev)
         out = kernels.decode_static(q, k, v, pooled, length, cfg, sparse=sparse)
         if sparse:
             ref = hisa_attention_reference(q.float(), k[:, :, :n].float(), v[:, :, :n].float(),
@@ -201,11 +238,86 @@ def test_append_token_kernel():
     for n in (1, 63, 64, 65, 130, 256):
         kn = torch.randn(B, H, 1, D, device="cuda", dtype=torch.bfloat16)
         vn = torch.randn_like(kn)
-        append_token(k, v, psum, pooled, kn, vn, torch.tensor([n], dtype=torch.int32, device="cuda"), bs)
+        append_token(k, v, psum, pooled, kn, vn, torch.tensor([n, n - 1], dtype=torch.int32, device="cuda"), bs)
         assert torch.equal(k[:, :, n - 1], kn[:, :, 0]) and torch.equal(v[:, :, n - 1], vn[:, :, 0])
         b = (n - 1) // bs
         ref = k[:, :, b * bs : n].float().mean(2)
         torch.testing.assert_close(pooled[:, :, b], ref, atol=1e-5, rtol=1e-5)
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("start,t,real", [(0, 16, 16), (60, 16, 5), (100, 16, 16), (127, 16, 1), (30, 64, 50)])
+def test_append_token_kernel_chunk(start, t, real):
+    """t rows written at [start, start + t); pooled keys count the rows up to start + real only."""
+    from hisa.kernels.pool import append_token
+
+    B, H, cap, D, bs = 1, 2, 256, 64, 64
+    k = torch.randn(B, H, cap, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    psum = torch.zeros(B, H, cap // bs, D, device="cuda")
+    pooled = torch.zeros_like(psum)
+    kn = torch.randn(B, H, t, D, device="cuda", dtype=torch.bfloat16)
+    vn = torch.randn_like(kn)
+    end = start + real
+    append_token(k, v, psum, pooled, kn, vn, torch.tensor([end, start], dtype=torch.int32, device="cuda"), bs)
+    assert torch.equal(k[:, :, start : start + t], kn) and torch.equal(v[:, :, start : start + t], vn)
+    for b in range(start // bs, (end - 1) // bs + 1):
+        ref = k[:, :, b * bs : min(end, (b + 1) * bs)].float().mean(2)
+        torch.testing.assert_close(pooled[:, :, b], ref, atol=1e-5, rtol=1e-5)
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("Lq", [1, 5, 16])
+def test_decode_static_dense_chunk_matches_reference(Lq):
+    from hisa.reference import dense_attention_reference
+
+    torch.manual_seed(Lq)
+    Hkv, G, D, cap, start = 2, 4, 64, 4096, 3000
+    k = torch.randn(1, Hkv, cap, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    q = torch.randn(1, Hkv * G, Lq, D, device="cuda", dtype=torch.bfloat16)
+    length = torch.tensor([start + Lq, start], dtype=torch.int32, device="cuda")
+    out = kernels.decode_static(q, k, v, torch.zeros(1, Hkv, cap // 64, D, device="cuda"), length, HisaConfig(),
+                                sparse=False)
+    end = start + Lq
+    ref = dense_attention_reference(q.float(), k[:, :, :end].float(), v[:, :, :end].float())
+    assert ((out.float() - ref).norm() / ref.norm()).item() < 2e-2
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_cuda_graph_chunk_matches_eager(family):
+    """A follow-up question after a cached prefix through DecodeStep.chunk (recorded 16-token steps, padded)
+    gives the eager forward's logits, and decoding continues alike."""
+    cfg = HisaConfig(block_size=16, top_blocks=8, top_k=96, min_context=0)
+    model = apply_hisa(tiny_model(family, heads=8, kv_heads=2, hidden=512, layers=3, dtype=torch.bfloat16).cuda(),
+                       cfg)
+    prompt = torch.randint(0, 256, (1, 300), device="cuda")
+    chunks = [torch.randint(0, 256, (1, n), device="cuda") for n in (5, 23, 16)]
+    outs, caches = [], []
+    for mode in ("eager", "static", "graph"):
+        step = {"eager": None, "static": hisa.DecodeStep(model, graphs=False, static=True),
+                "graph": hisa.DecodeStep(model)}[mode]
+        cache = new_cache(model, max_cache_len=500)
+        got = []
+        with torch.inference_mode():
+            model(input_ids=prompt, use_cache=True, **cache_kw(model, cache))
+            for c in chunks:
+                got.append((step.chunk(c, cache) if step else
+                            model(input_ids=c, use_cache=True, **cache_kw(model, cache)).logits[:, -1]).float())
+        if mode == "graph":
+            assert step.recordings == 1 and step.replays == 1 + 2 + 1 and step.failed is None
+        outs.append(torch.stack(got))
+        caches.append(cache)
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+    assert rel(outs[2], outs[1]) < 1e-3, "graph vs its eager static path"
+    assert rel(outs[2], outs[0]) < 3e-2, "graph vs transformers' eager forward"
+    for a in caches[2].layers:
+        assert a.length == 300 + 5 + 23 + 16
+        torch.testing.assert_close(a.pooled_keys, pool_keys(a.keys, cfg.block_size), atol=2e-3, rtol=2e-3)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral"])

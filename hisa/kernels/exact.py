@@ -223,8 +223,9 @@ def _sparse_attn(
     MP: tl.constexpr, DP: tl.constexpr, BLOCK_T: tl.constexpr, DIRECT: tl.constexpr, CONTIG: tl.constexpr,
 ):
     """Attention of each row's query heads over its kept tokens IDX[row, :n_idx] (-1 = none), split-K.
-    With CONTIG the kept tokens are all keys [0, LENP[0]) (dense decode, one query per row, length in
-    device memory so the call can be captured in a CUDA graph)."""
+    With CONTIG the kept tokens are all keys up to the row's query, which sits at position LENP[1] + i
+    (dense attention of a decode step or a short chunk, positions in device memory so that the call can be
+    captured in a CUDA graph)."""
     row = tl.program_id(0)
     split = tl.program_id(1)
     i = row % Lq
@@ -245,7 +246,7 @@ def _sparse_attn(
     kbase = K + b * skb + kv * skh
     vbase = V + b * svb + kv * svh
     if CONTIG:
-        n_idx = tl.load(LENP)
+        n_idx = tl.load(LENP + 1) + i + 1
     hi = tl.minimum(chunk, n_idx - start)
     for t0 in range(0, hi, BLOCK_T):
         t = start + t0 + tl.arange(0, BLOCK_T)
@@ -423,8 +424,8 @@ def _split_plan(R: int, n: int, dev, block_t: int = 64) -> tuple[int, int]:
 
 
 def _attend(q, k, v, idx, out, *, n_idx, scale, length=None, SG, G, NSEL, MP, DP):
-    """Split-K attention of one query per row over idx[:, :n_idx] (or, with ``length``, over all keys
-    [0, length[0]) - dense decode) plus the combine of the partials; every buffer is allocated here."""
+    """Split-K attention of one query per row over idx[:, :n_idx] (or, with ``length``, over every key up to
+    the row's query at position length[1] + i: dense) plus the combine of the partials."""
     B, Hq, Lq, D = q.shape
     R = B * NSEL * Lq
     BLOCK_T = 64
@@ -454,19 +455,20 @@ def _attend(q, k, v, idx, out, *, n_idx, scale, length=None, SG, G, NSEL, MP, DP
 
 
 def hisa_decode_static(q, k, v, pooled, length, config, *, scale, sparse, out):
-    """One decode query per sequence over full-capacity buffers, the key length read from device memory.
+    """Decode queries over full-capacity buffers, positions read from device memory.
 
-    q [B, Hq, 1, D]; k/v [B, Hkv, cap, D] of which the first ``length[0]`` rows are live (the query is
-    the last of them); pooled [B, Hkv, >= cap / block_size, D] float32. ``sparse``: HISA's per-query
-    selection (stage 1, stage 2, attention over the kept tokens, the reference's semantics) or dense
-    attention over every live key. Shapes, launches and buffers depend only on the capacity, never on
-    the length, and the host reads nothing back: the call can be captured in a CUDA graph and replayed
-    while the length grows.
+    q [B, Hq, Lq, D]: the queries of positions length[1] .. length[1] + Lq - 1 (for a decode step Lq = 1 and
+    length = [n, n - 1]); k/v [B, Hkv, cap, D] hold every key up to the last query; pooled [B, Hkv,
+    >= cap / block_size, D] float32 covers the first length[0] keys. ``sparse`` (one query only): HISA's
+    per-query selection (stage 1, stage 2, attention over the kept tokens, the reference's semantics) over the
+    first length[0] keys; else dense causal attention. Shapes, launches and buffers depend only on the
+    capacity, never on the positions, and the host reads nothing back: the call can be captured in a CUDA
+    graph and replayed while the cache grows.
     """
     B, Hq, Lq, D = q.shape
     Hkv, cap = k.shape[1], k.shape[2]
-    if Lq != 1:
-        raise ValueError("hisa_decode_static takes one query per sequence")
+    if sparse and Lq != 1:
+        raise ValueError("the sparse graph-recordable path takes one query per sequence")
     G = Hq // Hkv
     SG = G if config.selection == "group" else 1
     NSEL = Hq // SG

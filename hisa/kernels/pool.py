@@ -55,54 +55,64 @@ def update_pooled(psum: torch.Tensor, pooled: torch.Tensor, keys: torch.Tensor, 
 
 
 @triton.jit
-def _append_token(
+def _append_tokens(
     K, V, PS, PM, KN, VN, LENP,
-    skb, skh, skt, svb, svh, svt, sps_bh, sps_n, spm_bh, spm_n, sknb, sknh, svnb, svnh,
-    H, bs, D, Dv,
+    skb, skh, skt, svb, svh, svt, sps_bh, sps_n, spm_bh, spm_n, sknb, sknh, sknt, svnb, svnh, svnt,
+    H, bs, D, Dv, T,
     BSP: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr,
 ):
+    """Program (b*h, i): the i-th block touched by T new rows written at [start, start + T); LENP = [end,
+    start] where end <= start + T is where the real tokens stop (rows past it are padding: written, not
+    pooled). The block's sum is recomputed from its cached rows before ``start`` and the new rows: idempotent."""
     bh = tl.program_id(0)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    p = tl.load(LENP).to(tl.int64) - 1  # the new token's position
+    end = tl.load(LENP).to(tl.int64)
+    start = tl.load(LENP + 1).to(tl.int64)
+    n = start // bs + tl.program_id(1)
     d = tl.arange(0, DP)
     dv = tl.arange(0, DVP)
-    kn = tl.load(KN + b * sknb + h * sknh + d, mask=d < D, other=0.0)
-    vn = tl.load(VN + b * svnb + h * svnh + dv, mask=dv < Dv, other=0.0)
+    pos = n * bs + tl.arange(0, BSP)
+    inblk = tl.arange(0, BSP) < bs
+    new = inblk & (pos >= start) & (pos < start + T)
+    rel = pos - start
+    kn = tl.load(KN + b * sknb + h * sknh + rel[:, None] * sknt + d[None, :], mask=new[:, None] & (d[None, :] < D),
+                 other=0.0)
+    vn = tl.load(VN + b * svnb + h * svnh + rel[:, None] * svnt + dv[None, :],
+                 mask=new[:, None] & (dv[None, :] < Dv), other=0.0)
     kbase = K + b * skb + h * skh
-    tl.store(kbase + p * skt + d, kn, mask=d < D)
-    tl.store(V + b * svb + h * svh + p * svt + dv, vn, mask=dv < Dv)
-    # the block's sum recomputed from its cached keys before p plus the new key: idempotent, so a warm-up
-    # run before a CUDA-graph capture (or a replay of the same step) cannot count a key twice
-    n = p // bs
-    j = n * bs + tl.arange(0, BSP)
-    older = j < p
-    kk = tl.load(kbase + j[:, None] * skt + d[None, :], mask=older[:, None] & (d[None, :] < D), other=0.0)
-    s = tl.sum(kk.to(tl.float32), 0) + kn.to(tl.float32)
-    tl.store(PS + bh.to(tl.int64) * sps_bh + n * sps_n + d, s, mask=d < D)
-    count = (p - n * bs + 1).to(tl.float32)
-    tl.store(PM + bh.to(tl.int64) * spm_bh + n * spm_n + d, s / count, mask=d < D)
+    tl.store(kbase + pos[:, None] * skt + d[None, :], kn, mask=new[:, None] & (d[None, :] < D))
+    tl.store(V + b * svb + h * svh + pos[:, None] * svt + dv[None, :], vn, mask=new[:, None] & (dv[None, :] < Dv))
+    if n * bs < end:
+        older = inblk & (pos < start)
+        kk = tl.load(kbase + pos[:, None] * skt + d[None, :], mask=older[:, None] & (d[None, :] < D), other=0.0)
+        real = new & (pos < end)
+        s = tl.sum(kk.to(tl.float32), 0) + tl.sum(tl.where(real[:, None], kn.to(tl.float32), 0.0), 0)
+        tl.store(PS + bh.to(tl.int64) * sps_bh + n * sps_n + d, s, mask=d < D)
+        count = (tl.minimum(end - n * bs, bs)).to(tl.float32)
+        tl.store(PM + bh.to(tl.int64) * spm_bh + n * spm_n + d, s / count, mask=d < D)
 
 
 def append_token(k_cache, v_cache, psum, pooled, k_new, v_new, length, block_size: int) -> None:
-    """Write one token per sequence at position ``length[0] - 1`` of the K/V buffers [B, H, cap, D] and
-    set its block's pooled sum and mean, in one launch. ``length`` is a one-element int tensor on the
-    device, so the call can be captured in a CUDA graph and replayed while the length grows."""
-    B, H, t, D = k_new.shape
-    if t != 1:
-        raise ValueError("append_token writes one token per sequence")
+    """Write T tokens per sequence (k_new/v_new [B, H, T, D]) at positions [length[1], length[1] + T) of the
+    K/V buffers [B, H, cap, D] and refresh the pooled sum and mean of every block holding real tokens, which
+    end at length[0] (rows past it are padding of a fixed-size chunk), in one launch. ``length`` is a
+    two-element int tensor on the device, so the call can be captured in a CUDA graph and replayed while the
+    cache grows."""
+    B, H, T, D = k_new.shape
     Dv = v_new.shape[-1]
     if k_new.stride(-1) != 1:
         k_new = k_new.contiguous()
     if v_new.stride(-1) != 1:
         v_new = v_new.contiguous()
     assert psum.stride(0) == H * psum.stride(1) and pooled.stride(0) == H * pooled.stride(1)
-    _append_token[(B * H,)](
+    nblk = triton.cdiv(T, block_size) + (1 if T > 1 else 0)  # blocks a run of T rows can touch
+    _append_tokens[(B * H, nblk)](
         k_cache, v_cache, psum, pooled, k_new, v_new, length,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), psum.stride(1), psum.stride(2), pooled.stride(1), pooled.stride(2),
-        k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
-        H, block_size, D, Dv,
+        k_new.stride(0), k_new.stride(1), k_new.stride(2), v_new.stride(0), v_new.stride(1), v_new.stride(2),
+        H, block_size, D, Dv, T,
         BSP=triton.next_power_of_2(block_size), DP=triton.next_power_of_2(D), DVP=triton.next_power_of_2(Dv),
         num_warps=4,
     )
