@@ -201,6 +201,32 @@ class DecodeStep:
             logits = self._step(ids[:, s0 : s0 + CHUNK], cache, CHUNK)
         return logits
 
+    def prepare_chunk(self, cache) -> bool:
+        """Record the chunk step over ``cache`` ahead of time (e.g. while a server is idle, for the follow-up
+        question a cached document is likely to get), so that the next ``chunk()`` only replays. Runs
+        nothing that changes the cache's contents. Returns whether a recorded chunk step is ready."""
+        if not self.graphs or not isinstance(cache, HisaCache) or not cache.layers:
+            return False
+        n = cache.get_seq_length()
+        first = cache.layers[0]
+        if not first.is_initialized:
+            return False
+        ids = torch.zeros(first._k.shape[0], 0, dtype=torch.long, device=self.device)
+        plan = self._plan(cache, ids.shape[0], n, CHUNK, CHUNK)
+        if plan is None:
+            return False
+        flags, key = plan
+        rec = cache.decode_graphs.get(CHUNK)
+        if rec is not None and rec.key == key:
+            return True
+        try:
+            cache.decode_graphs[CHUNK] = self._record(ids, cache, n, CHUNK, flags, key)
+        except Exception as e:  # noqa: BLE001 - the chunk will run eagerly (or record) when it comes
+            self._disarm(cache)
+            log.warning("could not record a chunk step ahead of time: %s: %s", type(e).__name__, e)
+            return False
+        return True
+
     @staticmethod
     def forget(cache) -> None:
         """Drop the graphs recorded over ``cache`` (their memory pools are freed). ``HisaCache.release()``
@@ -252,7 +278,7 @@ class DecodeStep:
                 rec.pos[1:].copy_(rec.pos[:1].expand(rec.pos.shape[0] - 1, -1))
         rec.length[0].fill_(n + t)
         rec.length[1].fill_(n)
-        rec.select.fill_(t - 1)
+        rec.select.fill_(max(t - 1, 0))
 
     def _disable(self, why: str) -> None:
         log.warning("CUDA-graph decode turned off, decoding eagerly from now on: %s", why)
@@ -278,7 +304,7 @@ class DecodeStep:
         else:
             # chunks are recorded with dense attention only: where the eager path would attend sparsely to
             # these few queries (past its decode crossover), let it
-            if any(attention.sparse_for(cfg, i, self._probes[CHUNK], n + t) for i in range(self.num_layers)):
+            if any(attention.sparse_for(cfg, i, self._probes[CHUNK], n + width) for i in range(self.num_layers)):
                 return None
             flags = (False,) * self.num_layers
         key = (flags, cfg, batch, first.capacity, first._k.data_ptr())

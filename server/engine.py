@@ -179,6 +179,7 @@ class Engine:
         self.tokenizer = None
         self.device = None
         self._trim_pending = False  # requests ended since the engine was last idle
+        self._prepare = None  # (cache, HISA settings) of the last finished request: record its chunk step when idle
         self.dtype = None
         self.max_model_len = 0
         self.kv_budget_tokens = 0
@@ -511,6 +512,8 @@ class Engine:
                         idle = not self._waiting and not self._active
                     if idle and self._trim_pending:
                         self._trim_gpu_memory()
+                    if idle and self._prepare is not None:
+                        self._prepare_followup()
                     with self._cv:
                         while not self._stop and not self._waiting and not self._active:
                             self._cv.wait(1.0)
@@ -526,6 +529,17 @@ class Engine:
                     self._fail_active()
         for seq in list(self._active):
             self._drop(seq)
+
+    def _prepare_followup(self) -> None:
+        """While idle: record the short-chunk CUDA-graph step over the cache of the request that finished last
+        (now in the prefix cache), so that a follow-up question on the same document only replays it."""
+        cache, tag = self._prepare
+        self._prepare = None
+        try:
+            with hisa.override(**dict(tag or ())):
+                self.stepper.prepare_chunk(cache)
+        except Exception:  # noqa: BLE001 - only an optimisation
+            log.exception("preparing the follow-up step failed")
 
     def _trim_gpu_memory(self) -> None:
         """When the engine goes idle after requests ended: give the memory pools of their dropped CUDA graphs
@@ -756,6 +770,8 @@ class Engine:
         # the cache keeps its recorded decode graph: a follow-up that takes this prefix replays it without
         # recording again (the graph dies with the cache when the prefix cache evicts it)
         self._trim_pending = True
+        if self.stepper.graphs:
+            self._prepare = (cache, req.cache_tag)
         held = cache.get_seq_length()
         tokens = torch.tensor((seq.job.prompt_ids + seq.generated)[:held], dtype=torch.long)
         self.prefix_cache.put(tokens, cache, req.cache_tag)

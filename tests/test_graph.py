@@ -305,6 +305,11 @@ def test_cuda_graph_chunk_matches_eager(family):
         got = []
         with torch.inference_mode():
             model(input_ids=prompt, use_cache=True, **cache_kw(model, cache))
+            if mode == "graph":  # recorded ahead of time (what the server does while idle), then only replayed
+                before = [layer.pooled_keys.clone() for layer in cache.layers]
+                assert step.prepare_chunk(cache) and step.recordings == 1
+                for layer, p in zip(cache.layers, before):
+                    assert layer.length == 300 and torch.equal(layer.pooled_keys, p)
             for c in chunks:
                 got.append((step.chunk(c, cache) if step else
                             model(input_ids=c, use_cache=True, **cache_kw(model, cache)).logits[:, -1]).float())
