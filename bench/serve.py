@@ -7,7 +7,8 @@ official ``openai`` SDK streaming ``/v1/completions``:
 * TTFT: request sent -> first streamed token (client side, includes HTTP, queueing, chunked prefill);
 * ITL: mean gap between later streamed tokens (inter-token latency, i.e. decode ms/token);
 * follow-up TTFT: the same document with another question appended (prefix reuse), as a fraction of the
-  first request's TTFT.
+  first request's TTFT, sent ``--think-time`` seconds after the first answer ended (default 1 s: a user
+  reading it; the server uses idle time to prepare for follow-ups).
 
 Each is measured twice: with the openai SDK (as users call it; its request building costs ~10 us per
 token id on the client) and with a plain HTTP client (httpx + json, "raw": the server's own latency), the
@@ -164,7 +165,8 @@ def gpu_memory(server) -> dict:
     return out
 
 
-def run_mode(name: str, server: Server, contexts: list[int], vocab: int, max_tokens: int, followup_len: int) -> list:
+def run_mode(name: str, server: Server, contexts: list[int], vocab: int, max_tokens: int, followup_len: int,
+             think: float = 0.0) -> list:
     from openai import OpenAI
 
     client = OpenAI(base_url=server.url + "/v1", api_key="none", timeout=1800, max_retries=0)
@@ -179,11 +181,13 @@ def run_mode(name: str, server: Server, contexts: list[int], vocab: int, max_tok
         q1, q2, q3, q4 = ([rng.randrange(100, vocab) for _ in range(16)] for _ in range(4))
         # SDK client first (the openai package, as users call it), then the same kind of request raw
         sdk = stream_once(client, doc + q1, max_tokens)
+        time.sleep(think)
         sdk_follow = stream_once(client, doc + q2, 8) if n <= followup_len else None
         first = stream_raw(server.url, doc + q3, max_tokens)  # reuses doc's cache too: only q3 is new
         # a cold first request on a fresh document, then (up to followup_len) a follow-up on it
         doc2 = [rng.randrange(100, vocab) for _ in range(n - 16)]
         first_cold = stream_raw(server.url, doc2 + q1, max_tokens)
+        time.sleep(think)
         follow = stream_raw(server.url, doc2 + q4, 8) if n <= followup_len else None
         row = {"mode": name, "context": n, **{k: sdk[k] for k in ("ttft_s", "itl_ms", "itl_median_ms")},
                "usage": sdk["usage"], "raw_itl_ms": first["itl_ms"], "raw_ttft_s": first_cold["ttft_s"]}
@@ -222,6 +226,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--followup-up-to", type=parse_len, default=32 * 1024,
                     help="ask a follow-up question for contexts up to this length")
+    ap.add_argument("--think-time", type=float, default=1.0,
+                    help="seconds between an answer and its follow-up question (a user reading; default 1)")
     ap.add_argument("--modes", default="hisa,dense")
     ap.add_argument("--server-args", default="", help="extra hisa-serve flags for both modes")
     ap.add_argument("--json", type=Path)
@@ -242,7 +248,8 @@ def main() -> None:
             server = Server(model_dir, extra, max_len, args.logs / f"serve-{mode}.log")
             try:
                 server.wait()
-                results["rows"] += run_mode(mode, server, contexts, vocab, args.max_tokens, args.followup_up_to)
+                results["rows"] += run_mode(mode, server, contexts, vocab, args.max_tokens, args.followup_up_to,
+                                            args.think_time)
             finally:
                 server.stop()
         _table(results)
