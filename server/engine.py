@@ -337,7 +337,11 @@ class Engine:
                 with hisa.override(**overrides):
                     ids = torch.full((1, n), pad, dtype=torch.long, device=self.device)
                     logits = self.forward(ids, cache)
-                    self.decode_step(logits.argmax(-1, keepdim=True), cache)
+                    logits = self.decode_step(logits.argmax(-1, keepdim=True), cache)
+                    if self.stepper.graphs and not overrides:
+                        # the recorded follow-up step too (compiles its kernel variants now, not on the first
+                        # idle moment after a user's request)
+                        self.stepper.chunk(ids[:, :3], cache)
             finally:
                 cache.release()
 
