@@ -47,6 +47,7 @@ CPU_MIN_CONTEXT = 1 << 30
 
 
 GRAPH_CHUNK_MAX = 64  # prompt tokens after a cached prefix that run as recorded CUDA-graph steps
+GRAPH_HOLDERS = 8  # finished requests' caches (prefix cache) that keep their recorded graphs
 
 
 class _Cancelled(Exception):
@@ -180,6 +181,7 @@ class Engine:
         self.device = None
         self._trim_pending = False  # requests ended since the engine was last idle
         self._prepare = None  # (cache, HISA settings) of the last finished request: record its chunk step when idle
+        self._graph_holders: collections.deque = collections.deque()  # cached prefixes that keep CUDA graphs
         self.dtype = None
         self.max_model_len = 0
         self.kv_budget_tokens = 0
@@ -776,6 +778,10 @@ class Engine:
         self._trim_pending = True
         if self.stepper.graphs:
             self._prepare = (cache, req.cache_tag)
+            # only the most recent cached documents keep their graphs (each holds a memory pool of a few MB)
+            self._graph_holders.append(cache)
+            while len(self._graph_holders) > GRAPH_HOLDERS:
+                hisa.DecodeStep.forget(self._graph_holders.popleft())
         held = cache.get_seq_length()
         tokens = torch.tensor((seq.job.prompt_ids + seq.generated)[:held], dtype=torch.long)
         self.prefix_cache.put(tokens, cache, req.cache_tag)
