@@ -6,7 +6,9 @@
 Measures time to first token (prefill forward of the whole prompt + first token), decode ms/token
 (median over ``--steps`` single-token steps after 2 warm-up steps) and peak GPU memory, for dense
 (``attn_implementation="sdpa"``, DynamicCache) then for the same weights patched with ``apply_hisa``
-(HisaCache preallocated to the needed length). Random weights: this measures speed, not quality.
+(HisaCache preallocated to the needed length): ``hisa`` decodes by calling the model, ``dense-graph`` /
+``hisa-graph`` through ``hisa.DecodeStep`` (CUDA-graph replays, as the server decodes; HISA off / on).
+Random weights: this measures speed, not quality.
 """
 
 from __future__ import annotations
