@@ -23,6 +23,14 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
+# a C compiler: Triton builds its kernel launchers with it at run time (HISA's kernels, and torch.compile's
+# fused kernels in the CUDA-graph decode); older CUDA "runtime" images of PyTorch ship none (pytorch#116696).
+# The distribution's own gcc, whatever its version, is what Triton expects.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+
 # the non-root user that serves (uid 1000; an Ubuntu 24.04 base's own uid-1000 user "ubuntu" makes way); its
 # caches are writable by any uid too (for `docker run --user ...`)
 RUN if getent passwd 1000 > /dev/null; then userdel --remove "$(getent passwd 1000 | cut -d: -f1)"; fi \
