@@ -153,6 +153,8 @@ def hisa_attention_forward(
     if layer is not None and layer.static_len is not None:
         # a decode step being recorded by hisa.graph.DecodeStep: full-capacity buffers, length on the
         # device, dense or sparse decided by the recorder for this layer (it also counts the statistics)
+        if attention_mask is not None:  # padding, sliding windows...: positions alone do not say what is visible
+            raise NotImplementedError("the graph-recordable decode path supports plain causal attention only")
         out = decode_static(query, key, value, layer._pooled, layer.static_len, cfg, scale=scaling,
                             sparse=layer.static_sparse)
         return out.transpose(1, 2).contiguous(), None

@@ -156,6 +156,9 @@ class DecodeStep:
         heads = text.num_attention_heads
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
         self._probes = {t: param.new_empty(1, heads, t, head_dim) for t in (1, CHUNK)}
+        # the static path knows plain causal attention only: a model with an active sliding window decodes eagerly
+        window = getattr(text, "sliding_window", None)
+        self._causal_only = not window or getattr(text, "use_sliding_window", True) is False
         self._warm: set = set()
         self._stream = None
         self._arange = torch.arange(CHUNK, device=self.device)
@@ -287,7 +290,8 @@ class DecodeStep:
 
     def _plan(self, cache, batch: int, n: int, t: int, width: int):
         """(per-layer sparse flags, graph key) when this step can take the static path, else None."""
-        if not isinstance(cache, HisaCache) or n == 0 or t == 0 or len(cache.layers) != self.num_layers:
+        if (not self._causal_only or not isinstance(cache, HisaCache) or n == 0 or t == 0
+                or len(cache.layers) != self.num_layers):
             return None
         layers = cache.layers
         first = layers[0]

@@ -143,6 +143,24 @@ def test_static_chunk_matches_eager_cpu(lengths):
         torch.testing.assert_close(a.pooled_keys, pool_keys(a.keys, cfg.block_size), atol=1e-5, rtol=1e-5)
 
 
+def test_sliding_window_model_decodes_eagerly_cpu():
+    """A model with an active sliding window (its mask is not plain causal) never takes the static path."""
+    import transformers
+
+    cfg = transformers.MistralConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, sliding_window=12,
+                                     attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = apply_hisa(transformers.MistralForCausalLM(cfg).eval(), SPARSE)
+    prompt = torch.randint(0, 256, (1, 30))
+    ref_tokens, ref_logits, _ = _decode(model, prompt, 8)
+    step = hisa.DecodeStep(model, graphs=False, static=True)
+    tokens, logits, _ = _decode(model, prompt, 8, step=step)
+    assert step.static_steps == 0
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(logits, ref_logits)
+
+
 def test_plain_step_without_static_is_the_forward_cpu():
     model = apply_hisa(tiny_model("qwen2"), SPARSE)
     prompt = torch.randint(0, 256, (2, 12))
