@@ -256,6 +256,8 @@ class DecodeStep:
                 rec = self._record(ids, cache, n, width, flags, key)
             except Exception as e:  # noqa: BLE001 - a model we cannot record still decodes, eagerly
                 self._disarm(cache)
+                if isinstance(e, torch.OutOfMemoryError):
+                    raise  # the caller's problem (free memory, fail this request), not a reason to stop recording
                 if self.fuse:  # try again without the compiled elementwise code
                     log.warning("recording the decode step with fused elementwise code failed (%s: %s); "
                                 "recording without it", type(e).__name__, e)

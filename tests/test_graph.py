@@ -364,3 +364,32 @@ def test_fused_elementwise_is_the_same_math_cpu(family, monkeypatch):
         assert not any("forward" in m.__dict__ for m in model.modules())
     assert swapped == 3 * 2 + 1 + (2 * 2 if family == "qwen3" else 0)  # 2 norms + mlp per layer, final norm
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_out_of_memory_while_recording_is_raised_not_disabling(monkeypatch):
+    """An out-of-memory error while recording reaches the caller (which fails the request and frees memory);
+    other recording errors turn graphs off and decode eagerly."""
+    from hisa import graph
+
+    model = apply_hisa(tiny_model("llama"), SPARSE)
+    step = hisa.DecodeStep(model, graphs=False)
+    step.graphs = step.static = True  # pretend: the recording itself is replaced below
+    cache = new_cache(model, max_cache_len=64)
+    with torch.inference_mode():
+        logits = model(input_ids=torch.randint(0, 256, (1, 20)), use_cache=True, **cache_kw(model, cache)).logits[:, -1]
+
+        def oom(*a, **k):
+            raise torch.OutOfMemoryError("simulated")
+
+        monkeypatch.setattr(graph.DecodeStep, "_record", oom)
+        with pytest.raises(torch.OutOfMemoryError):
+            step(logits.argmax(-1), cache)
+        assert step.graphs and step.failed is None and all(layer.static_len is None for layer in cache.layers)
+
+        def broken(*a, **k):
+            raise RuntimeError("cannot capture")
+
+        monkeypatch.setattr(graph.DecodeStep, "_record", broken)
+        out = step(logits.argmax(-1), cache)  # falls back to the eager forward
+        assert not step.graphs and "cannot capture" in step.failed and out.shape == (1, 256)
+        assert cache.get_seq_length() == 21
