@@ -39,6 +39,7 @@ import torch
 from . import attention
 from .cache import HisaCache
 from .config import HisaConfig
+from .patch import _cache_kwarg
 
 log = logging.getLogger("hisa.graph")
 
@@ -148,9 +149,8 @@ class DecodeStep:
         self.graphs = bool(graphs) and self.device.type == "cuda"
         self.static = static or self.graphs
         self.fuse = fuse and self.graphs  # compiled elementwise code inside recordings (see _fused_elementwise)
-        params = inspect.signature(type(model).forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
-        self._logits_to_keep = "logits_to_keep" in params
+        self._cache_kw = _cache_kwarg(model)
+        self._logits_to_keep = "logits_to_keep" in inspect.signature(type(model).forward).parameters
         text = model.config.get_text_config(decoder=True)
         self.num_layers = text.num_hidden_layers
         heads = text.num_attention_heads
@@ -283,7 +283,8 @@ class DecodeStep:
                 rec.pos[1:].copy_(rec.pos[:1].expand(rec.pos.shape[0] - 1, -1))
         rec.length[0].fill_(n + t)
         rec.length[1].fill_(n)
-        rec.select.fill_(max(t - 1, 0))
+        if width > 1:  # a one-token step returns its only position
+            rec.select.fill_(max(t - 1, 0))
 
     def _disable(self, why: str) -> None:
         log.warning("CUDA-graph decode turned off, decoding eagerly from now on: %s", why)
@@ -303,14 +304,15 @@ class DecodeStep:
             return None  # ragged layers or a full cache: the eager step (which grows the buffers) runs
         cfg = attention.effective_config(getattr(self.model, "hisa_config", None) or HisaConfig())
         if width == 1:
-            flags = tuple(attention.sparse_for(cfg, i, self._probes[1], n + 1, static=True)
-                          for i in range(self.num_layers))
+            # one decision for the step (for no layer in particular), then the configured dense layers
+            sparse = attention.sparse_for(cfg, None, self._probes[1], n + 1, static=True)
+            flags = tuple(sparse and i not in cfg.dense_layers for i in range(self.num_layers))
             if self.graphs and any(flags) and first._pooled.shape[2] > _max_static_blocks():
                 return None
         else:
             # chunks are recorded with dense attention only: where the eager path would attend sparsely to
             # these few queries (past its decode crossover), let it
-            if any(attention.sparse_for(cfg, i, self._probes[CHUNK], n + width) for i in range(self.num_layers)):
+            if attention.sparse_for(cfg, None, self._probes[CHUNK], n + width):
                 return None
             flags = (False,) * self.num_layers
         key = (flags, cfg, batch, first.capacity, first._k.data_ptr())

@@ -72,11 +72,14 @@ def backend_for(q: torch.Tensor) -> str:
     return "reference"
 
 
-def dense_crossover(q_len: int, head_dim: int = 64) -> int:
-    """Key length below which the Triton backend runs dense SDPA for a call with ``q_len`` queries."""
+def dense_crossover(q_len: int, head_dim: int = 64, *, static: bool = False) -> int:
+    """Key length below which the Triton backend runs dense attention for a call with ``q_len`` queries
+    (``static``: a decode step recorded in a CUDA graph, :func:`decode_static`)."""
     from .kernels import EXACT_MAX_QUERIES  # noqa: PLC0415
 
     col = 64 if head_dim <= 64 else 128
+    if static:
+        return int(os.environ.get("HISA_DENSE_BELOW_STATIC", DENSE_BELOW_STATIC[col]))
     if q_len <= EXACT_MAX_QUERIES:
         return int(os.environ.get("HISA_DENSE_BELOW_DECODE", DENSE_BELOW_DECODE[col]))
     return int(os.environ.get("HISA_DENSE_BELOW", DENSE_BELOW_PREFILL[col]))
@@ -84,10 +87,7 @@ def dense_crossover(q_len: int, head_dim: int = 64) -> int:
 
 def static_prefers_dense(q: torch.Tensor, kv_len: int) -> bool:
     """:func:`kernels_prefer_dense` for graph-captured decode steps (:func:`decode_static`)."""
-    if backend_for(q) != "triton":
-        return False
-    col = 64 if q.shape[-1] <= 64 else 128
-    return kv_len < int(os.environ.get("HISA_DENSE_BELOW_STATIC", DENSE_BELOW_STATIC[col]))
+    return backend_for(q) == "triton" and kv_len < dense_crossover(q.shape[2], q.shape[3], static=True)
 
 
 def kernels_prefer_dense(q: torch.Tensor, kv_len: int) -> bool:

@@ -428,32 +428,41 @@ def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAP
 
         return stream_events(req, body, base, prologue, on_delta)
 
-    async def chat_full(req: GenRequest, request: Request, body: ChatCompletionRequest, base: dict):
-        texts = {i: [] for i in range(body.n)}
-        lps = {i: [] for i in range(body.n)}
+    async def run_full(req: GenRequest, request: Request, on_delta) -> tuple[dict, dict]:
+        """Run a non-streamed request to its end, ``on_delta(ev)`` for every delta; returns (finish reason by
+        choice index, usage). Aborts the request if it ends otherwise (client gone, error)."""
         finish = {}
         watch: dict = {}
         try:
             while True:
                 ev = await next_event(req, request, watch)
                 if isinstance(ev, Delta):
-                    texts[ev.index].append(ev.text)
-                    if body.logprobs:
-                        lps[ev.index].extend(chat_logprob_entries(ev))
+                    on_delta(ev)
                     if ev.finish_reason:
                         finish[ev.index] = ev.finish_reason
                 elif isinstance(ev, Done):
-                    choices = [{"index": i,
-                                "message": {"role": "assistant", "content": "".join(texts[i]), "refusal": None},
-                                "logprobs": {"content": lps[i], "refusal": None} if body.logprobs else None,
-                                "finish_reason": finish.get(i, "stop")} for i in range(body.n)]
-                    return JSONResponse({**base, "choices": choices, "usage": ev.usage},
-                                        headers={"X-Request-Id": base["id"]})
+                    return finish, ev.usage
                 elif isinstance(ev, Failed):
                     raise ev.error
         finally:
             if not req.finished:
                 engine.abort(req)
+
+    async def chat_full(req: GenRequest, request: Request, body: ChatCompletionRequest, base: dict):
+        texts = {i: [] for i in range(body.n)}
+        lps = {i: [] for i in range(body.n)}
+
+        def on_delta(ev):
+            texts[ev.index].append(ev.text)
+            if body.logprobs:
+                lps[ev.index].extend(chat_logprob_entries(ev))
+
+        finish, usage = await run_full(req, request, on_delta)
+        choices = [{"index": i,
+                    "message": {"role": "assistant", "content": "".join(texts[i]), "refusal": None},
+                    "logprobs": {"content": lps[i], "refusal": None} if body.logprobs else None,
+                    "finish_reason": finish.get(i, "stop")} for i in range(body.n)]
+        return JSONResponse({**base, "choices": choices, "usage": usage}, headers={"X-Request-Id": base["id"]})
 
     # -- completions -------------------------------------------------------------------------------------
     @app.post("/v1/completions")
@@ -538,29 +547,18 @@ def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAP
     async def completion_full(req, request, body: CompletionRequest, base: dict, count: int, echo: dict):
         texts = {i: [echo.get(i, "")] for i in range(count)}
         entries = {i: [] for i in range(count)}
-        finish = {}
-        watch: dict = {}
-        try:
-            while True:
-                ev = await next_event(req, request, watch)
-                if isinstance(ev, Delta):
-                    texts[ev.index].append(ev.text)
-                    if body.logprobs is not None:
-                        entries[ev.index].append((ev.token, ev.sample))
-                    if ev.finish_reason:
-                        finish[ev.index] = ev.finish_reason
-                elif isinstance(ev, Done):
-                    choices = [{"index": i, "text": "".join(texts[i]),
-                                "logprobs": completion_logprobs(entries[i], len(echo.get(i, "")))
-                                if body.logprobs is not None else None,
-                                "finish_reason": finish.get(i, "stop")} for i in range(count)]
-                    return JSONResponse({**base, "choices": choices, "usage": ev.usage},
-                                        headers={"X-Request-Id": base["id"]})
-                elif isinstance(ev, Failed):
-                    raise ev.error
-        finally:
-            if not req.finished:
-                engine.abort(req)
+
+        def on_delta(ev):
+            texts[ev.index].append(ev.text)
+            if body.logprobs is not None:
+                entries[ev.index].append((ev.token, ev.sample))
+
+        finish, usage = await run_full(req, request, on_delta)
+        choices = [{"index": i, "text": "".join(texts[i]),
+                    "logprobs": completion_logprobs(entries[i], len(echo.get(i, "")))
+                    if body.logprobs is not None else None,
+                    "finish_reason": finish.get(i, "stop")} for i in range(count)]
+        return JSONResponse({**base, "choices": choices, "usage": usage}, headers={"X-Request-Id": base["id"]})
 
     return app
 

@@ -15,14 +15,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import inspect
 import itertools
 import logging
 import math
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -201,8 +200,6 @@ class Engine:
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="hisa-engine", daemon=True)
         self._prefilling: Sequence | None = None
-        self._cache_kw = "past_key_values"
-        self._logits_to_keep = True
         self.load_seconds = None
         # tests only: a file whose existence makes the next forward raise (see _injected_fault)
         self._fault_file = os.environ.get("HISA_TEST_FAULT_FILE") or None
@@ -264,9 +261,6 @@ class Engine:
         self.model, self.tokenizer = model, tok
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        params = inspect.signature(type(model).forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
-        self._logits_to_keep = "logits_to_keep" in params
         text_cfg = model.config.get_text_config(decoder=True)
         self.vocab_size = int(getattr(text_cfg, "vocab_size", None) or len(tok))
         # end of sequence ids: generation config + tokenizer
@@ -677,13 +671,7 @@ class Engine:
     # -- model calls -----------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, cache) -> torch.Tensor:
         """Run ``input_ids`` [1, L] through the model on top of ``cache``; logits of the last position only."""
-        kwargs = {self._cache_kw: cache, "use_cache": True}
-        if self._logits_to_keep:
-            out = self.model(input_ids=input_ids, logits_to_keep=1, **kwargs)
-            return out.logits[0, -1]
-        inner = self.model.get_decoder()
-        hidden = inner(input_ids=input_ids, **kwargs).last_hidden_state
-        return self.model.lm_head(hidden[:, -1:])[0, -1]
+        return self.stepper.forward(input_ids, cache)[0]
 
     def _injected_fault(self, phase: str) -> None:
         """Fault injection for the reliability tests (env ``HISA_TEST_FAULT_FILE``, never set in production):

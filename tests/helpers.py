@@ -4,11 +4,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 import transformers
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO.parent / "shared" / "corpus" / "moby-dick.txt"
+
+try:  # the Triton kernels: GPU tests are marked ``gpu`` and skipped without CUDA + Triton
+    from hisa import kernels
+
+    HAVE_KERNELS = kernels.AVAILABLE
+except ImportError:  # pragma: no cover
+    kernels = None
+    HAVE_KERNELS = False
+
+gpu = pytest.mark.gpu
+needs_gpu = pytest.mark.skipif(not HAVE_KERNELS, reason="needs CUDA and Triton")
 
 _FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),

@@ -16,17 +16,7 @@ import torch
 import hisa
 from hisa import HisaConfig, apply_hisa, new_cache
 from hisa.reference import hisa_attention_reference, pool_keys
-from tests.helpers import cache_kw, tiny_model
-
-try:
-    from hisa import kernels
-
-    HAVE_KERNELS = kernels.AVAILABLE
-except ImportError:  # pragma: no cover
-    HAVE_KERNELS = False
-
-gpu = pytest.mark.gpu
-needs_gpu = pytest.mark.skipif(not HAVE_KERNELS, reason="needs CUDA and Triton")
+from tests.helpers import cache_kw, gpu, kernels, needs_gpu, tiny_model
 
 SPARSE = HisaConfig(block_size=8, top_blocks=4, top_k=16, min_context=0)
 

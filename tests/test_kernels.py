@@ -14,16 +14,8 @@ import torch
 
 from hisa import HisaConfig, dense_attention_reference, hisa_attention_reference, pool_keys
 from hisa.kernels.reference_tiled import hisa_attention_tiled_reference
+from tests.helpers import gpu, kernels, needs_gpu
 
-try:
-    from hisa import kernels
-
-    HAVE_KERNELS = kernels.AVAILABLE
-except ImportError:  # pragma: no cover
-    HAVE_KERNELS = False
-
-gpu = pytest.mark.gpu
-needs_gpu = pytest.mark.skipif(not HAVE_KERNELS, reason="needs CUDA and Triton")
 TOL = {torch.bfloat16: 2e-2, torch.float16: 5e-3}
 _seed = [1234]
 
