@@ -389,28 +389,7 @@ def hisa_attention_exact(q, k, v, pooled, config, *, scale, q_start, mask, out, 
             )
             idx = topk_select(s2, TK, n=W2, block_map=blk, map_bs=bs)
         # attention over the kept tokens
-        BLOCK_T = 64
-        nsplit, chunk = _split_plan(R, TK, dev, BLOCK_T)
-        direct = nsplit == 1
-        if direct:
-            po = pm = pl = idx  # unused
-        else:
-            part = torch.empty(R * nsplit * MP * (DP + 2), dtype=torch.float32, device=dev)
-            po = part[: R * nsplit * MP * DP]
-            pm = part[R * nsplit * MP * DP: R * nsplit * MP * (DP + 1)]
-            pl = part[R * nsplit * MP * (DP + 1):]
-        _sparse_attn[(R, nsplit)](
-            qv, k, v, idx, ov, po, pm, pl, idx,
-            qv.stride(0), qv.stride(1), qv.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), ov.stride(0), ov.stride(1), ov.stride(2), idx.stride(0),
-            NSEL, n, SG, G, D, TK, chunk, scale * _LOG2E, nsplit,
-            MP=MP, DP=DP, BLOCK_T=BLOCK_T, DIRECT=direct, CONTIG=False, num_warps=4,
-        )
-        if not direct:
-            _combine[(R, SG)](
-                ov, po, pm, pl, ov.stride(0), ov.stride(1), ov.stride(2), NSEL, n, SG, D, nsplit,
-                MP=MP, DP=DP, SPLITP=max(2, triton.next_power_of_2(nsplit)), num_warps=4,
-            )
+        _attend(qv, k, v, idx, ov, n_idx=TK, scale=scale, SG=SG, G=G, NSEL=NSEL, MP=MP, DP=DP)
     return out
 
 
