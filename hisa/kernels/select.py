@@ -1,12 +1,17 @@
 """Row-wise top-k *selection* (not sorting) in one Triton program per row.
 
 Each row of ``scores`` is held in registers; the k-th largest value is found on the order-preserving
-integer image of the float32 bits, by a radix select (up to 4 passes of a 256-bin histogram, stopping
-once the bin of the k-th largest is kept whole; or, with
-``radix=False``, by bisection: 32 counting passes), no sort; then the kept columns
-are compacted in ascending column order with a prefix sum. Ties at the threshold keep the lowest
-columns. Entries equal to -inf (masked) are never kept, so a row with fewer than k finite entries keeps
-all of them; the output row is padded with -1.
+integer image of the float32 bits, without sorting, by one of three searches (``METHOD``):
+
+* ``RADIX``: up to 4 passes of a 256-bin histogram of the key's bytes, stopping once the bin of
+  the k-th largest is kept whole.
+* ``RANGE`` (default): passes of a 64-bin histogram over the value range still holding the k-th largest (its bounds
+  the smallest and largest value in the previous pass's bin), typically 2-3.
+* ``BISECT``: 32 counting passes of a bisection.
+
+Then the kept columns are compacted in ascending column order with a prefix sum. Ties at the threshold keep
+the lowest columns. Entries equal to -inf (masked) are never kept, so a row with fewer than k finite entries
+keeps all of them; the output row is padded with -1.
 
 Optional per-row visibility (``nvis`` columns visible, the first and the last visible column forced in
 with +inf) implements HISA's stage-1 rules without a separate masking pass, and an optional block map
@@ -20,21 +25,74 @@ import triton
 import triton.language as tl
 
 MAX_SELECT_WIDTH = 16384  # wider rows fall back to torch.topk
-RADIX_SELECT = True  # 4 histogram passes (default) or 32 bisection passes
+BISECT, RADIX, RANGE = 0, 1, 2  # the threshold searches (module docstring)
+SELECT_METHOD = RANGE  # the search the kernels use (measured on an H200: docs/kernels.md)
+
+
+@triton.jit
+def _range_search(x, key, valid, K, NBINS: tl.constexpr, NPASS: tl.constexpr):
+    """(gt, eq): the valid entries above / at the K-th largest valid entry (all valid entries when there
+    are at most K; ``eq`` may hold more entries than are kept: ties), by histograms over value ranges.
+
+    Each pass spreads the candidates (finite entries in [lo, hi]) over NBINS equal-width bins of [lo, hi] (a
+    monotone map, so the bins are ordered), keeps the bin holding the K-th largest and narrows [lo, hi] to the
+    smallest and largest value in it; it stops when that bin is kept whole or holds one value. +inf entries
+    (forced) are kept first. A bisection on the keys settles the rare rows that NPASS passes do not (values a
+    few ulps apart, or spanning more than the float range)."""
+    fin = valid & (x < float("inf"))
+    n_inf = tl.sum((valid & ~fin).to(tl.int32), 0)
+    krem = K - n_inf  # still to take from [lo, hi]
+    lo = tl.min(tl.where(fin, x, float("inf")), 0)
+    hi = tl.max(tl.where(fin, x, float("-inf")), 0)
+    done = (tl.sum(fin.to(tl.int32), 0) <= krem) | (krem <= 0)
+    bins = tl.arange(0, NBINS)
+    for p in tl.static_range(NPASS):
+        if not done:
+            cand = fin & (x >= lo) & (x <= hi)
+            scale = NBINS / (hi - lo)
+            b = tl.minimum(((x - lo) * scale).to(tl.int32), NBINS - 1)
+            hist = tl.histogram(b, NBINS, mask=cand)
+            ge = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist  # candidates in bins >= j
+            d = tl.max(tl.where(ge >= krem, bins, 0), 0)
+            in_bin = tl.sum(tl.where(bins == d, hist, 0), 0)
+            krem -= tl.sum(tl.where(bins > d, hist, 0), 0)
+            inb = cand & (b == d)
+            lo = tl.min(tl.where(inb, x, float("inf")), 0)
+            hi = tl.max(tl.where(inb, x, float("-inf")), 0)
+            done = (in_bin == krem) | (lo >= hi)
+    gt = (valid & ~fin) | (fin & (x > hi))
+    eq = fin & (x >= lo) & (x <= hi)
+    if not done:  # not settled: bisection on the keys of [lo, hi] (keep the krem largest)
+        klo = (lo.to(tl.int32, bitcast=True)).to(tl.int64)
+        khi = (hi.to(tl.int32, bitcast=True)).to(tl.int64)
+        klo = tl.where(klo >= 0, klo, klo ^ 0x7FFFFFFF)
+        khi = tl.where(khi >= 0, khi, khi ^ 0x7FFFFFFF)
+        k64 = key.to(tl.int64)
+        for it in range(32):
+            mid = klo + (khi - klo + 1) // 2
+            ok = tl.sum((eq & (k64 >= mid)).to(tl.int32), 0) >= krem
+            klo = tl.where(ok, mid, klo)
+            khi = tl.where(ok, khi, mid - 1)
+        gt = gt | (eq & (k64 > klo))
+        eq = eq & (k64 == klo)
+    return gt, eq
 
 
 @triton.jit
 def _select_core(x, offs, K, OUT_ROW, val, BLOCK: tl.constexpr, KP: tl.constexpr, RADIX: tl.constexpr,
                  OUT_X, STORE_X: tl.constexpr):
     """Store at OUT_ROW[0:K] the ``val`` of the K largest finite entries of x (ascending offs), -1 padded
-    (with STORE_X also their scores at OUT_X[0:K], -inf padded)."""
+    (with STORE_X also their scores at OUT_X[0:K], -inf padded). RADIX is the search: 0 bisection,
+    1 radix, 2 value ranges (module docstring)."""
     valid = x > float("-inf")
     bits = x.to(tl.int32, bitcast=True)
-    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)
-    if RADIX:
+    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # int32, ordered like x
+    if RADIX == 2:
+        gt, eq = _range_search(x, key, valid, K, 64, 8)
+    elif RADIX == 1:
         # radix select, 8 bits per pass, on the unsigned image of the key: up to 4 histogram passes, fewer
         # when the bin holding the k-th largest is kept whole (then the threshold needs no more bits)
-        ukey = key + 2147483648
+        ukey = key.to(tl.int64) + 2147483648
         bins = tl.arange(0, 256)
         zero = tl.min(offs, 0) * 0
         prefix = zero.to(tl.int64)
@@ -57,24 +115,25 @@ def _select_core(x, offs, K, OUT_ROW, val, BLOCK: tl.constexpr, KP: tl.constexpr
                 done = (in_bin == krem).to(tl.int32)
         ku = ukey >> cut
         kt = prefix >> cut
-        gt = ku > kt
-        eq = ku == kt
+        gt = (ku > kt) & valid
+        eq = (ku == kt) & valid
     else:
         # bisection on the key: 32 counting passes
-        lo = tl.min(key, 0)
-        hi = tl.max(key, 0)
+        k64 = key.to(tl.int64)
+        lo = tl.min(k64, 0)
+        hi = tl.max(k64, 0)
         for _ in range(32):
             mid = lo + (hi - lo + 1) // 2
-            c = tl.sum((key >= mid).to(tl.int32), 0)
+            c = tl.sum((k64 >= mid).to(tl.int32), 0)
             ok = c >= K
             lo = tl.where(ok, mid, lo)
             hi = tl.where(ok, hi, mid - 1)
-        gt = key > lo
-        eq = key == lo
-    n_gt = tl.sum(gt.to(tl.int32), 0)
-    tie = eq.to(tl.int32)
-    tie_rank = tl.cumsum(tie, 0)
-    keep = (gt | ((tie > 0) & (tie_rank <= K - n_gt))) & valid
+        gt = (k64 > lo) & valid
+        eq = (k64 == lo) & valid
+    need = K - tl.sum(gt.to(tl.int32), 0)  # how many entries equal to the threshold are kept
+    keep = gt | eq
+    if tl.sum(eq.to(tl.int32), 0) > need:  # ties at the threshold: the lowest columns
+        keep = gt | (eq & (tl.cumsum(eq.to(tl.int32), 0) <= need))
     keep_i = keep.to(tl.int32)
     dest = tl.cumsum(keep_i, 0) - 1
     tl.store(OUT_ROW + dest, val.to(tl.int32), mask=keep)
@@ -125,7 +184,7 @@ def topk_select(
     nvis: tuple[int, int, int, int] | None = None,
     block_map: torch.Tensor | None = None,
     map_bs: int = 1,
-    radix: bool | None = None,
+    method: int | None = None,
     pos_base: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Indices [R, k] int32 (ascending, -1 padded) of the k largest finite entries of each row of
@@ -157,7 +216,7 @@ def topk_select(
         mp, mp.stride(0), map_bs,
         pos0, pos_step, L_inner, nbs, pos_base if pos_base is not None else out,
         BLOCK=block, KP=max(16, triton.next_power_of_2(k)), HAS_NVIS=nvis is not None, HAS_MAP=has_map,
-        RADIX=RADIX_SELECT if radix is None else radix, HAS_POS_BASE=pos_base is not None,
+        RADIX=SELECT_METHOD if method is None else method, HAS_POS_BASE=pos_base is not None,
         num_warps=_warps(block),
     )
     return out
