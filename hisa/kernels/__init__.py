@@ -94,8 +94,8 @@ def hisa_attention(q, k, v, pooled, config, *, scale=None, mask=None, q_start=No
 def decode_static(q, k, v, pooled, length, config, *, scale=None, sparse=True):
     """One decode query per sequence over full-capacity K/V buffers whose live length is ``length[0]``
     (a device tensor): nothing depends on the length on the host, so the call can be captured in a CUDA
-    graph. Returns [B, Hq, 1, D] (see :func:`exact.hisa_decode_static`)."""
-    from .exact import hisa_decode_static  # noqa: PLC0415
+    graph. Returns [B, Hq, 1, D] (see :func:`decode.hisa_decode_static`)."""
+    from .decode import hisa_decode_static  # noqa: PLC0415
 
     B, Hq, Lq, D = q.shape
     if Hq % k.shape[1]:

@@ -26,12 +26,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .select import RADIX_SELECT, _select_core, topk_select
+from . import select as _select
+from .select import _select_core, topk_select
 
 FUSED = True  # stage scoring fused with its top-k selection (one program per row); False: separate kernels
 FUSED_MAX_WIDTH = 4096
 MAX_SPLITS = 64
-STATIC_SLICE = 512  # blocks per program in the first level of the graph-recordable decode's stage 1
 
 _LOG2E = 1.4426950408889634
 
@@ -138,42 +138,6 @@ def _stage1_select(
     _select_core(x, offs, TB, BLK + row.to(tl.int64) * TB, offs, BLOCK, KP, RADIX, BLK, False)
 
 
-@triton.jit(do_not_specialize=["NB"])
-def _stage1_slice(
-    Q, P, CS, CI, LENP, sqb, sqh, sqt, spb, sph, spn,
-    NSEL, SG, G, D, bs, TB, NB, NSLICE,
-    SGP: tl.constexpr, DP: tl.constexpr, DC: tl.constexpr, SLICE: tl.constexpr, KP: tl.constexpr,
-    RADIX: tl.constexpr,
-):
-    """Stage 1 of a decode query, first level: the top TB visible blocks of one slice of SLICE blocks, with
-    their scores (sink and own block forced with +inf). The key length is read from LENP; a second
-    selection over the slices' candidates gives the row's top TB (the global top TB is among them)."""
-    row = tl.program_id(0)
-    sl = tl.program_id(1)
-    b = (row // NSEL).to(tl.int64)
-    u = row % NSEL
-    kv = (u * SG) // G
-    pos = tl.load(LENP) - 1
-    nvis = pos // bs + 1
-    offs = sl * SLICE + tl.arange(0, SLICE)
-    nmask = (offs < nvis) & (offs < NB)
-    g = tl.arange(0, SGP)
-    h = (u * SG + g).to(tl.int64)
-    x = tl.zeros([SLICE], tl.float32)
-    for d0 in tl.static_range(0, DP, DC):
-        dd = d0 + tl.arange(0, DC)
-        qc = tl.load(Q + b * sqb + h[:, None] * sqh + dd[None, :],
-                     mask=(g[:, None] < SG) & (dd[None, :] < D), other=0.0).to(tl.float32)
-        qs = tl.sum(qc, 0)
-        pc = tl.load(P + b * spb + kv * sph + offs[:, None].to(tl.int64) * spn + dd[None, :],
-                     mask=nmask[:, None] & (dd[None, :] < D), other=0.0)
-        x += tl.sum(pc * qs[None, :], 1)
-    x = tl.where(nmask, x, float("-inf"))
-    x = tl.where(nmask & ((offs == 0) | (offs == nvis - 1)), float("inf"), x)
-    base = (row.to(tl.int64) * NSLICE + sl) * TB
-    _select_core(x, tl.arange(0, SLICE), TB, CI + base, offs, SLICE, KP, RADIX, CS + base, True)
-
-
 @triton.jit(do_not_specialize=["Lq", "q_start", "Lk"])
 def _stage2_select(
     Q, K, BLK, IDX, MASK, sqb, sqh, sqt, skb, skh, skt, smb, smq, smk,
@@ -215,17 +179,32 @@ def _stage2_select(
     _select_core(x, j, TK, IDX + row.to(tl.int64) * TK, tok, BLOCK, KP, RADIX, IDX, False)
 
 
+@triton.jit
+def _arrive(CNT, NPROG):
+    """Called by each of the NPROG programs working on one row once its results are stored: true in the
+    program that arrives last, which then sees every other program's stores (it must load them with
+    ``cache_modifier=".cg"``: the L1 cache is not coherent), and which resets the counter for the next launch.
+    The pattern of CUDA's threadFenceReduction sample: barrier, then one acquire-release atomic."""
+    tl.debug_barrier()
+    last = tl.atomic_add(CNT, 1, sem="acq_rel", scope="gpu") == NPROG - 1
+    if last:
+        tl.atomic_xchg(CNT, 0, sem="relaxed", scope="gpu")
+    return last
+
+
 @triton.jit(do_not_specialize=["Lq", "n_idx", "chunk"])
 def _sparse_attn(
-    Q, K, V, IDX, O, PO, PM, PL, LENP,
+    Q, K, V, IDX, O, PO, PM, PL, LENP, CNT,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, sidx,
     NSEL, Lq, SG, G, D, n_idx, chunk, qk_scale, NSPLIT,
     MP: tl.constexpr, DP: tl.constexpr, BLOCK_T: tl.constexpr, DIRECT: tl.constexpr, CONTIG: tl.constexpr,
+    COMBINE: tl.constexpr, SGP: tl.constexpr, SPLITP: tl.constexpr,
 ):
     """Attention of each row's query heads over its kept tokens IDX[row, :n_idx] (-1 = none), split-K.
     With CONTIG the kept tokens are all keys up to the row's query, which sits at position LENP[1] + i
     (dense attention of a decode step or a short chunk, positions in device memory so that the call can be
-    captured in a CUDA graph)."""
+    captured in a CUDA graph). With COMBINE the last split of a row to finish merges the row's partials
+    (counters at CNT[row]); otherwise :func:`_combine` runs after."""
     row = tl.program_id(0)
     split = tl.program_id(1)
     i = row % Lq
@@ -275,6 +254,32 @@ def _sparse_attn(
         tl.store(PM + base + g, m_i)
         tl.store(PL + base + g, l_i)
         tl.store(PO + (base + g[:, None]) * DP + d[None, :], acc)
+        if COMBINE:
+            if _arrive(CNT + row, NSPLIT):
+                _combine_row(O, PO, PM, PL, row.to(tl.int64) * NSPLIT * MP, b, u, i, sob, soh, sot, SG, D,
+                             NSPLIT, MP, DP, SGP, SPLITP)
+
+
+@triton.jit
+def _combine_row(O, PO, PM, PL, base, b, u, i, sob, soh, sot, SG, D, NSPLIT,
+                 MP: tl.constexpr, DP: tl.constexpr, SGP: tl.constexpr, SPLITP: tl.constexpr):
+    """Merge the split-K partials (max, sum, acc) of every query head of one row (partials at ``base``)."""
+    sp = tl.arange(0, SPLITP)
+    g = tl.arange(0, SGP)
+    d = tl.arange(0, DP)
+    ms = (sp[:, None] < NSPLIT) & (g[None, :] < SG)
+    pidx = base + sp[:, None] * MP + g[None, :]
+    m = tl.load(PM + pidx, mask=ms, other=-1.0e30, cache_modifier=".cg")
+    l = tl.load(PL + pidx, mask=ms, other=0.0, cache_modifier=".cg")
+    m_max = tl.max(m, 0)
+    w = tl.math.exp2(m - m_max[None, :])
+    l_tot = tl.sum(w * l, 0)
+    o = tl.load(PO + pidx[:, :, None] * DP + d[None, None, :], mask=ms[:, :, None], other=0.0,
+                cache_modifier=".cg")
+    out = tl.sum(w[:, :, None] * o, 0) / tl.where(l_tot > 0, l_tot, 1.0)[:, None]
+    h = (u * SG + g).to(tl.int64)
+    tl.store(O + b * sob + h[:, None] * soh + i * sot + d[None, :], out.to(O.dtype.element_ty),
+             mask=(g[:, None] < SG) & (d[None, :] < D))
 
 
 @triton.jit(do_not_specialize=["Lq"])
@@ -357,7 +362,7 @@ def hisa_attention_exact(q, k, v, pooled, config, *, scale, q_start, mask, out, 
                 pooled.stride(0), pooled.stride(1), pooled.stride(2),
                 NSEL, n, SG, G, D, qs0, bs, TB,
                 SGP=SGP, DP=DP, DC=8 if B1 > 1024 else 16, BLOCK=B1, KP=max(16, triton.next_power_of_2(TB)),
-                RADIX=RADIX_SELECT, num_warps=_warps(B1),
+                RADIX=_select.SELECT_METHOD, num_warps=_warps(B1),
             )
             idx = torch.empty(R, TK, dtype=torch.int32, device=dev)
             _stage2_select[(R,)](
@@ -365,7 +370,7 @@ def hisa_attention_exact(q, k, v, pooled, config, *, scale, q_start, mask, out, 
                 qv.stride(0), qv.stride(1), qv.stride(2), k.stride(0), k.stride(1), k.stride(2), *ms,
                 NSEL, n, SG, G, D, qs0, Lk, bs, TB, TK, scale,
                 SGP=SGP, DP=DP, DC=8 if B2 > 1024 else 16, BSP=BSP, BLOCK=B2,
-                KP=max(16, triton.next_power_of_2(TK)), HAS_MASK=mv is not None, RADIX=RADIX_SELECT,
+                KP=max(16, triton.next_power_of_2(TK)), HAS_MASK=mv is not None, RADIX=_select.SELECT_METHOD,
                 num_warps=_warps(B2),
             )
         else:
@@ -402,14 +407,31 @@ def _split_plan(R: int, n: int, dev, block_t: int = 64) -> tuple[int, int]:
     return triton.cdiv(n, chunk), chunk
 
 
-def _attend(q, k, v, idx, out, *, n_idx, scale, length=None, SG, G, NSEL, MP, DP):
+_COUNTERS: dict = {}
+
+
+def counters(device, n: int) -> torch.Tensor:
+    """At least n zeroed int32 arrival counters on ``device`` for kernels whose last program of a row
+    finishes the row (:func:`_arrive`; each launch leaves them zero again). One buffer per device, never
+    freed (recorded CUDA graphs hold its address): launches that use it must not run concurrently on
+    different streams."""
+    key = str(device)
+    bufs = _COUNTERS.setdefault(key, [])
+    if not bufs or bufs[-1].numel() < n:
+        bufs.append(torch.zeros(max(n, 4096), dtype=torch.int32, device=device))
+    return bufs[-1]
+
+
+def _attend(q, k, v, idx, out, *, n_idx, scale, length=None, SG, G, NSEL, MP, DP, combine_last=False):
     """Split-K attention of one query per row over idx[:, :n_idx] (or, with ``length``, over every key up to
-    the row's query at position length[1] + i: dense) plus the combine of the partials."""
+    the row's query at position length[1] + i: dense) plus the combine of the partials (``combine_last``:
+    inside the attention kernel, by each row's last program, one launch less)."""
     B, Hq, Lq, D = q.shape
     R = B * NSEL * Lq
     BLOCK_T = 64
     nsplit, chunk = _split_plan(R, n_idx, q.device, BLOCK_T)
     direct = nsplit == 1
+    combine_last = combine_last and not direct
     part = torch.empty(max(1, R * nsplit * MP * (DP + 2)) if not direct else 1, dtype=torch.float32,
                        device=q.device)
     po = part[: R * nsplit * MP * DP]
@@ -417,72 +439,20 @@ def _attend(q, k, v, idx, out, *, n_idx, scale, length=None, SG, G, NSEL, MP, DP
     pl = part[R * nsplit * MP * (DP + 1):]
     contig = length is not None
     idx_arg = idx if idx is not None else part
+    splitp = max(2, triton.next_power_of_2(nsplit))
     _sparse_attn[(R, nsplit)](
         q, k, v, idx_arg, out, po, pm, pl, length if contig else part,
+        counters(q.device, R) if combine_last else part,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         idx.stride(0) if idx is not None else 0,
         NSEL, Lq, SG, G, D, n_idx, chunk, scale * _LOG2E, nsplit,
-        MP=MP, DP=DP, BLOCK_T=BLOCK_T, DIRECT=direct, CONTIG=contig, num_warps=4,
+        MP=MP, DP=DP, BLOCK_T=BLOCK_T, DIRECT=direct, CONTIG=contig,
+        COMBINE=combine_last, SGP=triton.next_power_of_2(SG), SPLITP=splitp, num_warps=4,
     )
-    if not direct:
+    if not direct and not combine_last:
         _combine[(R, SG)](
             out, po, pm, pl, out.stride(0), out.stride(1), out.stride(2), NSEL, Lq, SG, D, nsplit,
-            MP=MP, DP=DP, SPLITP=max(2, triton.next_power_of_2(nsplit)), num_warps=4,
+            MP=MP, DP=DP, SPLITP=splitp, num_warps=4,
         )
     return out
-
-
-def hisa_decode_static(q, k, v, pooled, length, config, *, scale, sparse, out):
-    """Decode queries over full-capacity buffers, positions read from device memory.
-
-    q [B, Hq, Lq, D]: the queries of positions length[1] .. length[1] + Lq - 1 (for a decode step Lq = 1 and
-    length = [n, n - 1]); k/v [B, Hkv, cap, D] hold every key up to the last query; pooled [B, Hkv,
-    >= cap / block_size, D] float32 covers the first length[0] keys. ``sparse`` (one query only): HISA's
-    per-query selection (stage 1, stage 2, attention over the kept tokens, the reference's semantics) over the
-    first length[0] keys; else dense causal attention. Shapes, launches and buffers depend only on the
-    capacity, never on the positions, and the host reads nothing back: the call can be captured in a CUDA
-    graph and replayed while the cache grows.
-    """
-    B, Hq, Lq, D = q.shape
-    Hkv, cap = k.shape[1], k.shape[2]
-    if sparse and Lq != 1:
-        raise ValueError("the sparse graph-recordable path takes one query per sequence")
-    G = Hq // Hkv
-    SG = G if config.selection == "group" else 1
-    NSEL = Hq // SG
-    DP = triton.next_power_of_2(D)
-    SGP = triton.next_power_of_2(SG)
-    MP = max(16, SGP)
-    common = dict(SG=SG, G=G, NSEL=NSEL, MP=MP, DP=DP)
-    if not sparse:
-        return _attend(q, k, v, None, out, n_idx=cap, scale=scale, length=length, **common)
-    bs, TB, TK = config.block_size, config.top_blocks, config.top_k
-    NB = min(pooled.shape[2], math.ceil(cap / bs))
-    BSP = triton.next_power_of_2(bs)
-    BPP = max(1, 128 // BSP)
-    R = B * NSEL
-    dev = q.device
-    # stage 1 in two levels: the top TB of each slice of blocks (many programs), then the top TB of those
-    SLICE = max(STATIC_SLICE, triton.next_power_of_2(2 * TB))
-    nslice = triton.cdiv(NB, SLICE)
-    cs = torch.empty(R, nslice * TB, dtype=torch.float32, device=dev)
-    ci = torch.empty(R, nslice * TB, dtype=torch.int32, device=dev)
-    _stage1_slice[(R, nslice)](
-        q, pooled, cs, ci, length, q.stride(0), q.stride(1), q.stride(2),
-        pooled.stride(0), pooled.stride(1), pooled.stride(2),
-        NSEL, SG, G, D, bs, TB, NB, nslice,
-        SGP=SGP, DP=DP, DC=16, SLICE=SLICE, KP=max(16, triton.next_power_of_2(TB)), RADIX=RADIX_SELECT,
-        num_warps=4,
-    )
-    blk = ci if nslice == 1 else topk_select(cs, TB, n=nslice * TB, block_map=ci, map_bs=1)
-    s2 = torch.empty(R, TB * bs, dtype=torch.float32, device=dev)
-    _token_scores[(R, triton.cdiv(TB, BPP))](
-        q, k, blk, s2, s2, length,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        blk.stride(0), s2.stride(0), 0, 0, 0,
-        NSEL, 1, SG, G, D, bs, TB, 0, cap, scale,
-        SGP=SGP, DP=DP, BSP=BSP, BPP=BPP, HAS_MASK=False, DEV_LEN=True, num_warps=4,
-    )
-    idx = topk_select(s2, TK, n=TB * bs, block_map=blk, map_bs=bs)
-    return _attend(q, k, v, idx, out, n_idx=TK, scale=scale, **common)

@@ -1,0 +1,237 @@
+"""Graph-recordable decode: one query per sequence over a cache's full-capacity buffers.
+
+The key length lives in device memory (``length`` = [keys the pooled keys cover, position of the first
+query]); shapes, launches and buffers depend only on the capacity, and the host reads nothing back, so
+:func:`hisa_decode_static` can be captured once in a CUDA graph and replayed while the cache grows
+(``hisa.graph.DecodeStep``).
+
+Sparse (HISA, the reference's per-query semantics), for R = B x units selection rows, in three launches:
+
+1. ``_stage1_fused``  grid (R, P1): each program scores a slice of the pooled keys against the row's selector
+   (sink and own block forced with +inf, invisible blocks -inf) and stores them; the row's last program to
+   finish (an arrival counter, :func:`exact._arrive`) selects the top ``top_blocks``.
+2. ``_stage2_fused``  grid (R, P2): each program scores the tokens of a few kept blocks; the row's last
+   program selects the top ``top_k`` and maps them to key indices.
+3. ``exact._sparse_attn``  split-K attention over the kept tokens; the row's last split merges the partials.
+
+A selection step is a latency chain of block-wide reductions in one program; running it in the scoring
+kernel's last program saves a launch and the wait for it. Rows whose stage-1 width exceeds
+``FUSED_MAX_BLOCKS`` pooled keys take the previous path (two-level stage 1, separate selection kernels).
+Dense: split-K over every live key, same last-program combine.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from . import select
+from .exact import _arrive, _attend, _load_selector, _token_scores, counters
+from .select import _select_core
+
+FUSED_STATIC = True  # the three-launch sparse decode; False: the previous six-launch path
+FUSED_MAX_BLOCKS = 8192  # widest stage-1 row (pooled keys) the fused path selects in one program
+STAGE1_SLICE = 128  # pooled keys scored per program
+STAGE2_BLOCKS = 4  # kept blocks scored per program (at most 256 tokens)
+COMBINE_LAST = True  # split-K partials merged by each row's last program instead of a separate launch
+STATIC_SLICE = 512  # blocks per program in the first level of the wide-row path's stage 1
+
+
+@triton.jit(do_not_specialize=["NB"])
+def _stage1_fused(
+    Q, P, S1, BLK, CNT, LENP, sqb, sqh, spb, sph, spn,
+    NSEL, SG, G, D, bs, TB, NB, NP,
+    SGP: tl.constexpr, DP: tl.constexpr, DC: tl.constexpr, SLICE: tl.constexpr, NBP: tl.constexpr,
+    KP: tl.constexpr, METHOD: tl.constexpr,
+):
+    row = tl.program_id(0)
+    sl = tl.program_id(1)
+    b = (row // NSEL).to(tl.int64)
+    u = row % NSEL
+    kv = (u * SG) // G
+    pos = tl.load(LENP) - 1
+    nvis = pos // bs + 1
+    offs = sl * SLICE + tl.arange(0, SLICE)
+    nmask = (offs < nvis) & (offs < NB)
+    g = tl.arange(0, SGP)
+    h = (u * SG + g).to(tl.int64)
+    x = tl.zeros([SLICE], tl.float32)
+    for d0 in tl.static_range(0, DP, DC):
+        dd = d0 + tl.arange(0, DC)
+        qc = tl.load(Q + b * sqb + h[:, None] * sqh + dd[None, :],
+                     mask=(g[:, None] < SG) & (dd[None, :] < D), other=0.0).to(tl.float32)
+        qs = tl.sum(qc, 0)
+        pc = tl.load(P + b * spb + kv * sph + offs[:, None].to(tl.int64) * spn + dd[None, :],
+                     mask=nmask[:, None] & (dd[None, :] < D), other=0.0)
+        x += tl.sum(pc * qs[None, :], 1)
+    x = tl.where(nmask, x, float("-inf"))
+    x = tl.where(nmask & ((offs == 0) | (offs == nvis - 1)), float("inf"), x)
+    srow = S1 + row.to(tl.int64) * NBP
+    tl.store(srow + offs, x)
+    if _arrive(CNT + row, NP):
+        cols = tl.arange(0, NBP)
+        xs = tl.load(srow + cols, cache_modifier=".cg")
+        _select_core(xs, cols, TB, BLK + row.to(tl.int64) * TB, cols, NBP, KP, METHOD, BLK, False)
+
+
+@triton.jit
+def _stage2_fused(
+    Q, K, BLK, S2, IDX, CNT, LENP, sqb, sqh, skb, skh, skt,
+    NSEL, SG, G, D, bs, TB, TK, scale, NP,
+    SGP: tl.constexpr, DP: tl.constexpr, BSP: tl.constexpr, BPP: tl.constexpr, W2P: tl.constexpr,
+    KP: tl.constexpr, METHOD: tl.constexpr,
+):
+    row = tl.program_id(0)
+    b = (row // NSEL).to(tl.int64)
+    u = row % NSEL
+    kv = (u * SG) // G
+    pos = tl.load(LENP) - 1
+    qs = _load_selector(Q, b, u, 0, sqb, sqh, 0, SG, D, SGP, DP)
+    j = tl.arange(0, BPP * BSP)
+    slot = tl.program_id(1) * BPP + j // BSP
+    within = j % BSP
+    in_range = (slot < TB) & (within < bs)
+    brow = BLK + row.to(tl.int64) * TB
+    blk = tl.load(brow + slot, mask=in_range, other=-1)
+    tok = blk * bs + within
+    ok = in_range & (blk >= 0) & (tok <= pos)
+    d = tl.arange(0, DP)
+    kk = tl.load(K + b * skb + kv * skh + tok[:, None].to(tl.int64) * skt + d[None, :],
+                 mask=ok[:, None] & (d[None, :] < D), other=0.0).to(tl.float32)
+    s = tl.sum(kk * qs[None, :], 1) * scale
+    s = tl.where(ok, s, float("-inf"))
+    srow = S2 + row.to(tl.int64) * W2P
+    tl.store(srow + slot * bs + within, s, mask=in_range)
+    if _arrive(CNT + row, NP):
+        cols = tl.arange(0, W2P)
+        live = cols < TB * bs
+        xs = tl.load(srow + cols, mask=live, other=float("-inf"), cache_modifier=".cg")
+        bl = tl.load(brow + cols // bs, mask=live, other=0)
+        val = bl * bs + cols % bs
+        _select_core(xs, cols, TK, IDX + row.to(tl.int64) * TK, val, W2P, KP, METHOD, IDX, False)
+
+
+@triton.jit(do_not_specialize=["NB"])
+def _stage1_slice(
+    Q, P, CS, CI, LENP, sqb, sqh, sqt, spb, sph, spn,
+    NSEL, SG, G, D, bs, TB, NB, NSLICE,
+    SGP: tl.constexpr, DP: tl.constexpr, DC: tl.constexpr, SLICE: tl.constexpr, KP: tl.constexpr,
+    RADIX: tl.constexpr,
+):
+    """Stage 1 of a decode query, first level: the top TB visible blocks of one slice of SLICE blocks, with
+    their scores (sink and own block forced with +inf). The key length is read from LENP; a second
+    selection over the slices' candidates gives the row's top TB (the global top TB is among them)."""
+    row = tl.program_id(0)
+    sl = tl.program_id(1)
+    b = (row // NSEL).to(tl.int64)
+    u = row % NSEL
+    kv = (u * SG) // G
+    pos = tl.load(LENP) - 1
+    nvis = pos // bs + 1
+    offs = sl * SLICE + tl.arange(0, SLICE)
+    nmask = (offs < nvis) & (offs < NB)
+    g = tl.arange(0, SGP)
+    h = (u * SG + g).to(tl.int64)
+    x = tl.zeros([SLICE], tl.float32)
+    for d0 in tl.static_range(0, DP, DC):
+        dd = d0 + tl.arange(0, DC)
+        qc = tl.load(Q + b * sqb + h[:, None] * sqh + dd[None, :],
+                     mask=(g[:, None] < SG) & (dd[None, :] < D), other=0.0).to(tl.float32)
+        qs = tl.sum(qc, 0)
+        pc = tl.load(P + b * spb + kv * sph + offs[:, None].to(tl.int64) * spn + dd[None, :],
+                     mask=nmask[:, None] & (dd[None, :] < D), other=0.0)
+        x += tl.sum(pc * qs[None, :], 1)
+    x = tl.where(nmask, x, float("-inf"))
+    x = tl.where(nmask & ((offs == 0) | (offs == nvis - 1)), float("inf"), x)
+    base = (row.to(tl.int64) * NSLICE + sl) * TB
+    _select_core(x, tl.arange(0, SLICE), TB, CI + base, offs, SLICE, KP, RADIX, CS + base, True)
+
+
+def _warps(width: int) -> int:
+    return 4 if width <= 2048 else 8 if width <= 4096 else 16
+
+
+def hisa_decode_static(q, k, v, pooled, length, config, *, scale, sparse, out):
+    """Decode queries over full-capacity buffers, positions read from device memory.
+
+    q [B, Hq, Lq, D]: the queries of positions length[1] .. length[1] + Lq - 1 (for a decode step Lq = 1 and
+    length = [n, n - 1]); k/v [B, Hkv, cap, D] hold every key up to the last query; pooled [B, Hkv,
+    >= cap / block_size, D] float32 covers the first length[0] keys. ``sparse`` (one query only): HISA's
+    per-query selection (stage 1, stage 2, attention over the kept tokens, the reference's semantics) over the
+    first length[0] keys; else dense causal attention. Shapes, launches and buffers depend only on the
+    capacity, never on the positions, and the host reads nothing back: the call can be captured in a CUDA
+    graph and replayed while the cache grows.
+    """
+    B, Hq, Lq, D = q.shape
+    Hkv, cap = k.shape[1], k.shape[2]
+    if sparse and Lq != 1:
+        raise ValueError("the sparse graph-recordable path takes one query per sequence")
+    G = Hq // Hkv
+    SG = G if config.selection == "group" else 1
+    NSEL = Hq // SG
+    DP = triton.next_power_of_2(D)
+    SGP = triton.next_power_of_2(SG)
+    MP = max(16, SGP)
+    common = dict(SG=SG, G=G, NSEL=NSEL, MP=MP, DP=DP, combine_last=COMBINE_LAST)
+    if not sparse:
+        return _attend(q, k, v, None, out, n_idx=cap, scale=scale, length=length, **common)
+    bs, TB, TK = config.block_size, config.top_blocks, config.top_k
+    NB = min(pooled.shape[2], math.ceil(cap / bs))
+    BSP = triton.next_power_of_2(bs)
+    R = B * NSEL
+    dev = q.device
+    method = select.SELECT_METHOD
+    slice1 = max(16, min(STAGE1_SLICE, triton.next_power_of_2(NB)))
+    np1 = triton.next_power_of_2(triton.cdiv(NB, slice1))
+    nbp = np1 * slice1
+    w2p = max(16, triton.next_power_of_2(TB * bs))
+    if FUSED_STATIC and nbp <= FUSED_MAX_BLOCKS and w2p <= FUSED_MAX_BLOCKS and TB <= nbp:
+        cnt = counters(dev, 2 * R)
+        s1 = torch.empty(R, nbp, dtype=torch.float32, device=dev)
+        blk = torch.empty(R, TB, dtype=torch.int32, device=dev)
+        _stage1_fused[(R, np1)](
+            q, pooled, s1, blk, cnt, length, q.stride(0), q.stride(1),
+            pooled.stride(0), pooled.stride(1), pooled.stride(2),
+            NSEL, SG, G, D, bs, TB, NB, np1,
+            SGP=SGP, DP=DP, DC=16, SLICE=slice1, NBP=nbp, KP=max(16, triton.next_power_of_2(TB)),
+            METHOD=method, num_warps=_warps(nbp),
+        )
+        bpp = max(1, min(STAGE2_BLOCKS, 256 // BSP))
+        np2 = triton.cdiv(TB, bpp)
+        s2 = torch.empty(R, w2p, dtype=torch.float32, device=dev)
+        idx = torch.empty(R, TK, dtype=torch.int32, device=dev)
+        _stage2_fused[(R, np2)](
+            q, k, blk, s2, idx, cnt[R:], length, q.stride(0), q.stride(1),
+            k.stride(0), k.stride(1), k.stride(2),
+            NSEL, SG, G, D, bs, TB, TK, scale, np2,
+            SGP=SGP, DP=DP, BSP=BSP, BPP=bpp, W2P=w2p, KP=max(16, triton.next_power_of_2(TK)),
+            METHOD=method, num_warps=_warps(w2p),
+        )
+        return _attend(q, k, v, idx, out, n_idx=TK, scale=scale, **common)
+    # very wide rows: stage 1 in two levels (the top TB of each slice of blocks, then the top TB of those)
+    BPP = max(1, 128 // BSP)
+    SLICE = max(STATIC_SLICE, triton.next_power_of_2(2 * TB))
+    nslice = triton.cdiv(NB, SLICE)
+    cs = torch.empty(R, nslice * TB, dtype=torch.float32, device=dev)
+    ci = torch.empty(R, nslice * TB, dtype=torch.int32, device=dev)
+    _stage1_slice[(R, nslice)](
+        q, pooled, cs, ci, length, q.stride(0), q.stride(1), q.stride(2),
+        pooled.stride(0), pooled.stride(1), pooled.stride(2),
+        NSEL, SG, G, D, bs, TB, NB, nslice,
+        SGP=SGP, DP=DP, DC=16, SLICE=SLICE, KP=max(16, triton.next_power_of_2(TB)), RADIX=method,
+        num_warps=4,
+    )
+    blk = ci if nslice == 1 else select.topk_select(cs, TB, n=nslice * TB, block_map=ci, map_bs=1)
+    s2 = torch.empty(R, TB * bs, dtype=torch.float32, device=dev)
+    _token_scores[(R, triton.cdiv(TB, BPP))](
+        q, k, blk, s2, s2, length,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        blk.stride(0), s2.stride(0), 0, 0, 0,
+        NSEL, 1, SG, G, D, bs, TB, 0, cap, scale,
+        SGP=SGP, DP=DP, BSP=BSP, BPP=BPP, HAS_MASK=False, DEV_LEN=True, num_warps=4,
+    )
+    idx = select.topk_select(s2, TK, n=TB * bs, block_map=blk, map_bs=bs)
+    return _attend(q, k, v, idx, out, n_idx=TK, scale=scale, **common)
