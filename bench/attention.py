@@ -188,16 +188,17 @@ def decode_case(L, D, cfg, dtype, results, nsets=4):
     row["speedup_vs_flash"] = fl / row["hisa_ms"] if fl else None
     flg = row.get("flash_graph_ms")
     row["graph_speedup_vs_flash"] = flg / row["hisa_graph_ms"] if flg else None
-    # variants of the selection kernels (fused scoring+select, radix vs bisection select)
-    from hisa.kernels import exact, select
+    # variants of the selection kernels (fused scoring+select; radix / value-range / bisection searches)
+    from hisa.kernels import decode, exact, select
 
+    default = (exact.FUSED, select.SELECT_METHOD, decode.FUSED_STATIC, decode.COMBINE_LAST)
     row["variants"] = {}
-    for fused, radix in ((True, True), (False, True), (True, False)):
-        exact.FUSED, exact.RADIX_SELECT, select.RADIX_SELECT = fused, radix, radix
+    for fused, method in ((True, select.RADIX), (False, select.RADIX), (True, select.RANGE), (True, select.BISECT)):
+        exact.FUSED, select.SELECT_METHOD = fused, method
         h(*sets[0])
-        row["variants"][f"fused={fused},radix={radix}"] = {
+        row["variants"][f"fused={fused},method={method}"] = {
             "eager_ms": bench(rot(h)), "graph_ms": graph_time([lambda s=s: h(*s) for s in sets])}
-    exact.FUSED, exact.RADIX_SELECT, select.RADIX_SELECT = True, True, True
+    exact.FUSED, select.SELECT_METHOD = default[:2]
     # the graph-recordable decode (what hisa.DecodeStep replays in the server): length in device memory
     length = torch.tensor([L, L - 1], dtype=torch.int32, device="cuda")
     for sparse in (True, False):
@@ -209,6 +210,17 @@ def decode_case(L, D, cfg, dtype, results, nsets=4):
         ref = (hisa_attention_reference(q.float(), k.float(), v.float(), p, cfg) if sparse
                else sdpa(q.float(), k.float(), v.float(), SDPBackend.MATH, False))
         row[f"{name}_err"] = rel(st(q, k, v, p), ref)
+        # the same with other designs: the value-range search, separate selection / combine launches
+        for label, fused_static, method, combine in (("range", True, select.RANGE, True),
+                                                    ("separate-combine", True, select.RADIX, False),
+                                                    ("six-launch", False, select.RADIX, False)):
+            if not sparse and label != "separate-combine":
+                continue
+            decode.FUSED_STATIC, select.SELECT_METHOD, decode.COMBINE_LAST = fused_static, method, combine
+            st(*sets[0])
+            row[f"{name}_{label}_graph_ms"] = graph_time([lambda s=s, st=st: st(*s) for s in sets])
+            row[f"{name}_{label}_err"] = rel(st(q, k, v, p), ref)
+        exact.FUSED, select.SELECT_METHOD, decode.FUSED_STATIC, decode.COMBINE_LAST = default
     if flg:
         row["static_sparse_vs_flash"] = flg / row["static_sparse_graph_ms"]
         row["static_dense_vs_flash"] = flg / row["static_dense_graph_ms"]
@@ -300,6 +312,14 @@ def main(argv=None):
                   f"{r['static_dense_graph_ms']:.4f} ({fmt(r.get('static_dense_vs_flash'), '{:.2f}')}x) | "
                   f"{r['static_sparse_graph_ms']:.4f} ({fmt(r.get('static_sparse_vs_flash'), '{:.2f}')}x) | "
                   f"{r['static_dense_err']:.1e} / {r['static_sparse_err']:.1e} |")
+        print("\nEarlier designs of the same (ms per layer call): HISA with the value-range search / with a"
+              " separate combine launch / six launches (separate selections); dense with a separate combine")
+        print("| D | ctx | HISA | HISA range search | HISA separate combine | HISA six launches | dense separate combine |")
+        print("|---|---|---|---|---|---|---|")
+        for r in dec:
+            print(f"| {r['D']} | {r['L'] // 1024}k | {r['static_sparse_graph_ms']:.4f} | "
+                  f"{r['static_sparse_range_graph_ms']:.4f} | {r['static_sparse_separate-combine_graph_ms']:.4f} | "
+                  f"{r['static_sparse_six-launch_graph_ms']:.4f} | {r['static_dense_separate-combine_graph_ms']:.4f} |")
 
 
 if __name__ == "__main__":

@@ -208,27 +208,69 @@ def test_cuda_graph_decode_matches_eager(family, mode, monkeypatch):
 
 @gpu
 @needs_gpu
-@pytest.mark.parametrize("sparse", [True, False])
+@pytest.mark.parametrize("sparse,variant", [(True, "fused"), (True, "wide"), (True, "separate-combine"),
+                                             (False, "fused"), (False, "separate-combine")])
 @pytest.mark.parametrize("G,D", [(1, 64), (4, 64), (7, 128), (8, 128)])
-def test_decode_static_kernel_matches_reference(sparse, G, D):
+def test_decode_static_kernel_matches_reference(sparse, variant, G, D, monkeypatch):
+    """Both sparse paths (three fused launches; the wide-row path) and both combines, against the spec."""
+    from hisa.kernels import decode
+
+    monkeypatch.setattr(decode, "FUSED_STATIC", variant != "wide")
+    monkeypatch.setattr(decode, "COMBINE_LAST", variant != "separate-combine")
     torch.manual_seed(G * 100 + D)
     cfg = HisaConfig(block_size=64, top_blocks=16, top_k=512)
-    Hkv, cap = 2, 8192
+    if G == 7:  # ragged block size, per-head selection, batch 2
+        cfg = HisaConfig(block_size=48, top_blocks=10, top_k=300, selection="head")
+    bs = cfg.block_size
+    B, Hkv, cap = 2 if G == 7 else 1, 2, 8192
     dev, dt = "cuda", torch.bfloat16
-    k = torch.randn(1, Hkv, cap, D, device=dev, dtype=dt)
+    k = torch.randn(B, Hkv, cap, D, device=dev, dtype=dt)
     v = torch.randn_like(k)
     for n in (3000, 4097, 8192):
-        q = torch.randn(1, Hkv * G, 1, D, device=dev, dtype=dt)
-        pooled = torch.zeros(1, Hkv, cap // 64, D, device=dev)
-        pooled[:, :, : math.ceil(n / 64)] = pool_keys(k[:, :, :n], 64)
+        q = torch.randn(B, Hkv * G, 1, D, device=dev, dtype=dt)
+        pooled = torch.zeros(B, Hkv, math.ceil(cap / bs), D, device=dev)
+        pooled[:, :, : math.ceil(n / bs)] = pool_keys(k[:, :, :n], bs)
         length = torch.tensor([n, n - 1], dtype=torch.int32, device=dev)
         out = kernels.decode_static(q, k, v, pooled, length, cfg, sparse=sparse)
         if sparse:
             ref = hisa_attention_reference(q.float(), k[:, :, :n].float(), v[:, :, :n].float(),
-                                           pooled[:, :, : math.ceil(n / 64)], cfg)
+                                           pooled[:, :, : math.ceil(n / bs)], cfg)
         else:
             ref = torch.nn.functional.scaled_dot_product_attention(
                 q.float(), k[:, :, :n].float(), v[:, :, :n].float(), enable_gqa=G > 1)
+        err = ((out.float() - ref).norm() / ref.norm()).item()
+        assert err < 2e-2, (n, err)
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("sparse", [True, False])
+def test_decode_static_replayed_in_a_graph(sparse):
+    """One recording replayed at many lengths: the arrival counters of the last-program selections and
+    combines are left at zero by every launch, so each replay matches the spec."""
+    torch.manual_seed(7)
+    cfg = HisaConfig(block_size=32, top_blocks=8, top_k=160)
+    B, Hkv, G, D, cap = 2, 2, 4, 64, 4096
+    k = torch.randn(B, Hkv, cap, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    pooled = torch.zeros(B, Hkv, cap // 32, D, device="cuda")
+    q = torch.randn(B, Hkv * G, 1, D, device="cuda", dtype=torch.bfloat16)
+    length = torch.tensor([400, 399], dtype=torch.int32, device="cuda")
+    kernels.decode_static(q, k, v, pooled, length, cfg, sparse=sparse)  # compile outside the recording
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = kernels.decode_static(q, k, v, pooled, length, cfg, sparse=sparse)
+    for n in (400, 401, 1000, 2049, 4096, 3):
+        pooled[:, :, : math.ceil(n / 32)] = pool_keys(k[:, :, :n], 32)
+        q.normal_()
+        length.copy_(torch.tensor([n, n - 1]))
+        graph.replay()
+        if sparse:
+            ref = hisa_attention_reference(q.float(), k[:, :, :n].float(), v[:, :, :n].float(),
+                                           pooled[:, :, : math.ceil(n / 32)], cfg)
+        else:
+            ref = torch.nn.functional.scaled_dot_product_attention(
+                q.float(), k[:, :, :n].float(), v[:, :, :n].float(), enable_gqa=True)
         err = ((out.float() - ref).norm() / ref.norm()).item()
         assert err < 2e-2, (n, err)
 
@@ -334,22 +376,25 @@ def test_cuda_graph_chunk_matches_eager(family):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral"])
-def test_fused_elementwise_is_the_same_math_cpu(family, monkeypatch):
-    """The RMSNorm / rotary / SiLU-gate replacements used while recording compute what the model's own code
-    does, and are removed afterwards (torch.compile is bypassed here: the CPU has no Inductor compiler)."""
-    from hisa import graph
+def test_fused_elementwise_is_the_same_math_cpu(family):
+    """The RMSNorm / rotary / SiLU-gate replacements compute what the model's own code does, and are removed
+    afterwards, nested blocks included (the unfused functions stand in for the compiled / Triton ones: the
+    CPU has neither)."""
+    from hisa.fused import fused_elementwise
 
-    monkeypatch.setattr(graph, "_compiled", lambda name, fn: fn)
     model = tiny_model(family)
     ids = torch.randint(0, 256, (2, 17))
     with torch.inference_mode():
         ref = model(input_ids=ids).logits
         mod = __import__(type(model).__module__, fromlist=["apply_rotary_pos_emb"])
         original = mod.apply_rotary_pos_emb
-        with graph._fused_elementwise(model):
+        with fused_elementwise(model, "eager"):
             assert mod.apply_rotary_pos_emb is not original
             swapped = sum("forward" in m.__dict__ for m in model.modules())
-            out = model(input_ids=ids).logits
+            inner_forwards = {id(m): m.__dict__.get("forward") for m in model.modules()}
+            with fused_elementwise(model, "eager"):
+                out = model(input_ids=ids).logits
+            assert {id(m): m.__dict__.get("forward") for m in model.modules()} == inner_forwards
         assert mod.apply_rotary_pos_emb is original
         assert not any("forward" in m.__dict__ for m in model.modules())
     assert swapped == 3 * 2 + 1 + (2 * 2 if family == "qwen3" else 0)  # 2 norms + mlp per layer, final norm
