@@ -28,10 +28,8 @@ the model's forward eagerly: same results, same call for the caller.
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 import logging
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -39,77 +37,10 @@ import torch
 from . import attention
 from .cache import HisaCache
 from .config import HisaConfig
+from .fused import fused_elementwise
 from .patch import _cache_kwarg
 
 log = logging.getLogger("hisa.graph")
-
-
-# -- fused elementwise code for recorded steps ------------------------------------------------------------
-# At batch 1 a decoder layer launches ~40 kernels, most of them tiny elementwise ones (RMSNorm alone is 6,
-# rotary embeddings ~10); inside a CUDA graph each still costs a few microseconds. While recording, the
-# standard RMSNorm, rotary-embedding and SiLU-gate code of the supported families runs as the same math
-# compiled by torch.compile (Inductor fuses each into one kernel). Nothing changes outside recordings.
-_NORMS = {"LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNorm"}
-_MLPS = {"LlamaMLP", "Qwen2MLP", "Qwen3MLP", "MistralMLP"}
-_FUSED: dict = {}
-
-
-def _rms_norm(x, weight, eps: float):
-    dtype = x.dtype
-    h = x.to(torch.float32)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(dtype)
-
-
-def _rotate_half(x):
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def _rope(q, k, cos, sin, unsqueeze_dim=1):
-    cos = cos.unsqueeze(unsqueeze_dim)
-    sin = sin.unsqueeze(unsqueeze_dim)
-    return (q * cos) + (_rotate_half(q) * sin), (k * cos) + (_rotate_half(k) * sin)
-
-
-def _silu_mul(gate, up):
-    return torch.nn.functional.silu(gate) * up
-
-
-def _compiled(name, fn):
-    if name not in _FUSED:
-        # emulate_precision_casts: round where the eager code rounds (to bf16/fp16), so the fused kernels
-        # give the model's own numbers rather than more precise, different ones
-        _FUSED[name] = torch.compile(fn, dynamic=False, fullgraph=True, options={"emulate_precision_casts": True})
-    return _FUSED[name]
-
-
-@contextlib.contextmanager
-def _fused_elementwise(model):
-    """Swap in the compiled RMSNorm / rotary / SiLU-gate functions for the duration of a recording."""
-    restore = []
-    try:
-        rms = _compiled("rms", _rms_norm)
-        rope = _compiled("rope", _rope)
-        silu_mul = _compiled("silu_mul", _silu_mul)
-        for m in model.modules():
-            name = type(m).__name__
-            if name in _NORMS and hasattr(m, "variance_epsilon"):
-                m.forward = functools.partial(rms, weight=m.weight, eps=float(m.variance_epsilon))
-                restore.append(lambda m=m: m.__dict__.pop("forward", None))
-            elif name in _MLPS and type(getattr(m, "act_fn", None)).__name__ in ("SiLUActivation", "SiLU"):
-                m.forward = lambda x, m=m: m.down_proj(silu_mul(m.gate_proj(x), m.up_proj(x)))
-                restore.append(lambda m=m: m.__dict__.pop("forward", None))
-            elif hasattr(m, "q_proj") and hasattr(m, "layer_idx"):
-                mod = sys.modules.get(type(m).__module__)
-                if mod is not None and hasattr(mod, "apply_rotary_pos_emb") and mod.apply_rotary_pos_emb is not rope:
-                    original = mod.apply_rotary_pos_emb
-                    mod.apply_rotary_pos_emb = rope
-                    restore.append(lambda mod=mod, original=original: setattr(mod, "apply_rotary_pos_emb", original))
-        yield
-    finally:
-        for undo in reversed(restore):
-            undo()
 
 
 CHUNK = 16  # tokens per recorded chunk step (DecodeStep.chunk): a follow-up question's new tokens
@@ -148,7 +79,7 @@ class DecodeStep:
             graphs = self.device.type == "cuda" and ops.backend_for(param.new_empty(1, 1, 1, 1)) == "triton"
         self.graphs = bool(graphs) and self.device.type == "cuda"
         self.static = static or self.graphs
-        self.fuse = fuse and self.graphs  # compiled elementwise code inside recordings (see _fused_elementwise)
+        self.fuse = fuse and self.graphs  # compiled elementwise code inside recordings (hisa.fused)
         self._cache_kw = _cache_kwarg(model)
         self._logits_to_keep = "logits_to_keep" in inspect.signature(type(model).forward).parameters
         text = model.config.get_text_config(decoder=True)
@@ -339,7 +270,7 @@ class DecodeStep:
                 attention.count(i, batch, t, n + t, cfg.top_k if sparse else None)
 
     def _fusions(self):
-        return _fused_elementwise(self.model) if self.fuse else contextlib.nullcontext()
+        return fused_elementwise(self.model, "compiled") if self.fuse else contextlib.nullcontext()
 
     def _new_inputs(self, ids, n: int, width: int) -> _Recorded:
         B, t = ids.shape

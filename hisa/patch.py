@@ -5,9 +5,10 @@ from __future__ import annotations
 import functools
 import inspect
 
+import torch
 from transformers.cache_utils import DynamicCache
 
-from . import attention, ops
+from . import attention, fused, ops
 from .cache import HisaCache
 from .config import HisaConfig
 
@@ -87,7 +88,12 @@ def _install_cache_hooks(model) -> None:
             use_cache = getattr(model.config, "use_cache", True)
         if use_cache and kwargs.get("cache") is None and kwargs.get("past_key_values") is None:
             kwargs[cache_name] = new_cache(model)
-        return original_forward(*args, **kwargs)
+        inputs = kwargs.get("input_ids", args[0] if args else None)
+        if inputs is None:
+            inputs = kwargs.get("inputs_embeds")
+        n_tokens = inputs.shape[1] if isinstance(inputs, torch.Tensor) and inputs.dim() >= 2 else 0
+        with fused.prefill_fusion(model, n_tokens):  # long forwards: fused elementwise kernels
+            return original_forward(*args, **kwargs)
 
     model.forward = forward
 

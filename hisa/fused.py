@@ -1,0 +1,128 @@
+"""Fused elementwise code of the decoder layers: RMSNorm, rotary embeddings, SiLU-gate.
+
+Besides its matmuls a transformers decoder layer runs ~20 elementwise kernels (RMSNorm alone is six passes in
+float32, rotary embeddings ~10 with a concatenation, the MLP's gate two). In a one-token decode step they are
+launch overhead; in a long prefill they are passes over [tokens, hidden] activations: at 128k tokens on an
+H200 they took ~260 of a HISA prefill's 830 ms (docs/benchmarks.md). :func:`fused_elementwise` swaps the
+standard RMSNorm, rotary-embedding and SiLU-gate code of the supported families (Llama, Qwen2/3, Mistral)
+for one kernel each, for the duration of a ``with`` block, in one of two implementations of the same math:
+
+* ``"compiled"``: the functions below compiled by torch.compile for fixed shapes, used while recording
+  one-token decode steps in CUDA graphs (:mod:`hisa.graph`);
+* ``"triton"``: the Triton kernels below, any shape, used for forwards of at least ``PREFILL_MIN_TOKENS``
+  tokens (``apply_hisa``'s forward; ``HISA_FUSED_PREFILL=0`` turns it off).
+
+Both round where the eager code rounds (to the activations' dtype after each operation), so they give the
+model's own numbers; the Triton RMSNorm sums the squares in another order than PyTorch (float32), which may
+move a value by one bf16/fp16 unit now and then. Module functions are swapped, so two models must not run
+forwards in different threads at the same time while a block is active (the server runs one at a time).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import sys
+
+import torch
+
+NORMS = {"LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNorm"}
+MLPS = {"LlamaMLP", "Qwen2MLP", "Qwen3MLP", "MistralMLP"}
+PREFILL_MIN_TOKENS = 256  # forwards with fewer tokens keep the eager elementwise code
+
+
+# -- the math, as the eager code does it ---------------------------------------------------------------------
+def rms_norm(x, weight, eps: float):
+    dtype = x.dtype
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype)
+
+
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope(q, k, cos, sin, unsqueeze_dim=1):
+    cos = cos.unsqueeze(unsqueeze_dim)
+    sin = sin.unsqueeze(unsqueeze_dim)
+    return (q * cos) + (_rotate_half(q) * sin), (k * cos) + (_rotate_half(k) * sin)
+
+
+def silu_mul(gate, up):
+    return torch.nn.functional.silu(gate) * up
+
+
+_COMPILED: dict = {}
+
+
+def _compiled(name, fn):
+    if name not in _COMPILED:
+        # emulate_precision_casts: round where the eager code rounds (to bf16/fp16), so the fused kernels
+        # give the model's own numbers rather than more precise, different ones
+        _COMPILED[name] = torch.compile(fn, dynamic=False, fullgraph=True, options={"emulate_precision_casts": True})
+    return _COMPILED[name]
+
+
+def _implementations(kind: str):
+    if kind == "compiled":
+        return _compiled("rms", rms_norm), _compiled("rope", rope), _compiled("silu_mul", silu_mul)
+    if kind == "triton":
+        from .kernels import elementwise  # noqa: PLC0415 - needs Triton
+
+        return elementwise.rms_norm, elementwise.rope, elementwise.silu_mul
+    if kind == "eager":  # the same math unfused (tests)
+        return rms_norm, rope, silu_mul
+    raise ValueError(f"unknown implementation {kind!r}")
+
+
+@contextlib.contextmanager
+def fused_elementwise(model, kind: str = "compiled"):
+    """Swap in the fused RMSNorm / rotary / SiLU-gate code of ``kind`` for the duration of the block."""
+    restore = []
+    try:
+        rms, rot, gate = _implementations(kind)
+        for m in model.modules():
+            name = type(m).__name__
+            if name in NORMS and hasattr(m, "variance_epsilon"):
+                old = m.__dict__.get("forward")
+                m.forward = functools.partial(rms, weight=m.weight, eps=float(m.variance_epsilon))
+                restore.append(functools.partial(_restore_forward, m, old))
+            elif name in MLPS and type(getattr(m, "act_fn", None)).__name__ in ("SiLUActivation", "SiLU"):
+                old = m.__dict__.get("forward")
+                m.forward = lambda x, m=m: m.down_proj(gate(m.gate_proj(x), m.up_proj(x)))
+                restore.append(functools.partial(_restore_forward, m, old))
+            elif hasattr(m, "q_proj") and hasattr(m, "layer_idx"):
+                mod = sys.modules.get(type(m).__module__)
+                if mod is not None and hasattr(mod, "apply_rotary_pos_emb") and mod.apply_rotary_pos_emb is not rot:
+                    original = mod.apply_rotary_pos_emb
+                    mod.apply_rotary_pos_emb = rot
+                    restore.append(lambda mod=mod, original=original: setattr(mod, "apply_rotary_pos_emb", original))
+        yield
+    finally:
+        for undo in reversed(restore):
+            undo()
+
+
+def _restore_forward(m, old) -> None:
+    if old is None:
+        m.__dict__.pop("forward", None)
+    else:
+        m.forward = old
+
+
+def prefill_fusion(model, n_tokens: int):
+    """The fused Triton elementwise code for a forward of ``n_tokens`` tokens per sequence on CUDA when
+    it pays off (``PREFILL_MIN_TOKENS``) and is available, else a no-op context."""
+    if n_tokens < PREFILL_MIN_TOKENS or os.environ.get("HISA_FUSED_PREFILL", "1") == "0":
+        return contextlib.nullcontext()
+    param = next(model.parameters(), None)
+    if param is None or not param.is_cuda:
+        return contextlib.nullcontext()
+    from .ops import _triton_backend  # noqa: PLC0415
+
+    if _triton_backend() is None:
+        return contextlib.nullcontext()
+    return fused_elementwise(model, "triton")
