@@ -34,12 +34,11 @@ BACKENDS = ("auto", "reference", "reference_tiled", "triton")
 DENSE_BELOW_PREFILL = {64: 12288, 128: 16384}
 DENSE_BELOW_DECODE = {64: 163840, 128: 131072}
 # The same for decode steps replayed in a CUDA graph (hisa.graph.DecodeStep, ``decode_static``), HISA's
-# selection pipeline against the dense split-K kernel (``HISA_DENSE_BELOW_STATIC``). In isolation (one layer,
-# bench/attention.py) HISA wins from ~64k keys, but inside a whole model's decode step (weights streaming
-# through L2 between layers) an H200 measured the 1B-shaped model at 2.64 ms/token with HISA vs 2.63 dense at
-# 128k, and 2.61 vs 2.23 at 64k (bench/e2e.py): the latency-bound selection kernels lose their edge when their
-# inputs come from HBM. Hence the eager crossovers here too.
-DENSE_BELOW_STATIC = {64: 163840, 128: 131072}
+# three-launch selection pipeline against the dense split-K kernel (``HISA_DENSE_BELOW_STATIC``). Measured
+# inside a whole model's decode step (bench/e2e.py, 1B-shaped model, H200), where the weights streaming
+# through L2 between layers leave the selection kernels' inputs in HBM: 2.32 ms/token sparse vs 2.54 dense at
+# 128k, 2.27 vs 2.00 at 64k (head dim 64); in one layer alone HISA wins from ~48k (head dim 128) / ~96k (64).
+DENSE_BELOW_STATIC = {64: 98304, 128: 65536}
 
 
 def _triton_backend():

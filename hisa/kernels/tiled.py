@@ -63,14 +63,14 @@ def _tile_attn(
         blk = tl.load(BLK + row * top_blocks + kb)
         tok = (blk * BS + n).to(tl.int64)
         kk = tl.load(kbase + tok[:, None] * skt + d[None, :], mask=dmask, other=0.0)
-        s = tl.dot(q, tl.trans(kk)) * qk_scale
+        s = tl.dot(q, tl.trans(kk))  # unscaled: the scale is folded into the exponent (one FMA)
         if HAS_MASK:
             mv = tl.load(MASK + b * smb + i[:, None].to(tl.int64) * smq + tok[None, :] * smk,
                          mask=row_ok[:, None], other=0)
             s = tl.where(mv != 0, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
+        p = tl.math.exp2(s * qk_scale - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         vv = tl.load(vbase + tok[:, None] * svt + d[None, :], mask=dmask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv)
@@ -79,16 +79,16 @@ def _tile_attn(
     tok = (t_abs * BS + n).to(tl.int64)
     tok_ok = tok < Lk
     kk = tl.load(kbase + tok[:, None] * skt + d[None, :], mask=tok_ok[:, None] & dmask, other=0.0)
-    s = tl.dot(q, tl.trans(kk)) * qk_scale
+    s = tl.dot(q, tl.trans(kk))
     vis = (tok[None, :] <= qpos[:, None]) & tok_ok[None, :]
     if HAS_MASK:
         mv = tl.load(MASK + b * smb + i[:, None].to(tl.int64) * smq + tok[None, :] * smk,
                      mask=row_ok[:, None] & vis, other=0)
         vis = vis & (mv != 0)
     s = tl.where(vis, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     alpha = tl.math.exp2(m_i - m_new)
-    p = tl.math.exp2(s - m_new[:, None])
+    p = tl.math.exp2(s * qk_scale - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     vv = tl.load(vbase + tok[:, None] * svt + d[None, :], mask=tok_ok[:, None] & dmask, other=0.0)
     acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv)
@@ -114,6 +114,8 @@ def _tile_sums(q, bs: int, q_start: int, SG: int):
     NT = t_last - t_first + 1
     front = q_start - t_first * bs
     back = NT * bs - Lq - front
+    if not front and not back:  # whole tiles: one reduction over heads and tile rows, a view of q
+        return q.reshape(B, Hq // SG, SG, NT, bs, D).sum((2, 4), dtype=torch.float32)
     qs = q.reshape(B, Hq // SG, SG, Lq, D).sum(2, dtype=torch.float32)
     if front or back:
         qs = torch.nn.functional.pad(qs, (0, 0, front, back))
