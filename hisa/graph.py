@@ -66,10 +66,14 @@ class DecodeStep:
 
     ``graphs``: record and replay CUDA graphs (default: on CUDA when HISA's Triton kernels are
     available). ``static``: without graphs, still run the graph's code path eagerly (full-capacity
-    buffers, device-side positions); used by tests to check that path on the CPU.
+    buffers, device-side positions); used by tests to check that path on the CPU. ``fuse``: record the
+    RMSNorm / rotary / SiLU-gate code compiled into one kernel each (:mod:`hisa.fused`);
+    ``join_projections``: and the q/k/v and gate/up projections as one matrix product each (the model's
+    parameters become views of the stacked weights; values unchanged).
     """
 
-    def __init__(self, model, *, graphs: bool | None = None, static: bool = False, fuse: bool = True):
+    def __init__(self, model, *, graphs: bool | None = None, static: bool = False, fuse: bool = True,
+                 join_projections: bool = True):
         self.model = model
         param = next(model.parameters())
         self.device = param.device
@@ -80,6 +84,8 @@ class DecodeStep:
         self.graphs = bool(graphs) and self.device.type == "cuda"
         self.static = static or self.graphs
         self.fuse = fuse and self.graphs  # compiled elementwise code inside recordings (hisa.fused)
+        # ... and joined q/k/v and gate/up projections (their parameters become views of stacked weights)
+        self.join_projections = self.fuse and join_projections
         self._cache_kw = _cache_kwarg(model)
         self._logits_to_keep = "logits_to_keep" in inspect.signature(type(model).forward).parameters
         text = model.config.get_text_config(decoder=True)
@@ -270,7 +276,9 @@ class DecodeStep:
                 attention.count(i, batch, t, n + t, cfg.top_k if sparse else None)
 
     def _fusions(self):
-        return fused_elementwise(self.model, "compiled") if self.fuse else contextlib.nullcontext()
+        if not self.fuse:
+            return contextlib.nullcontext()
+        return fused_elementwise(self.model, "compiled", join_projections=self.join_projections)
 
     def _new_inputs(self, ids, n: int, width: int) -> _Recorded:
         B, t = ids.shape

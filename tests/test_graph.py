@@ -428,3 +428,30 @@ def test_out_of_memory_while_recording_is_raised_not_disabling(monkeypatch):
         out = step(logits.argmax(-1), cache)  # falls back to the eager forward
         assert not step.graphs and "cannot capture" in step.failed and out.shape == (1, 256)
         assert cache.get_seq_length() == 21
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_joined_projections_cpu(family):
+    """q/k/v and gate/up as one matrix product each: the same logits, parameters become views of the
+    stacked weights with unchanged values, the stacking is done once and redone after ``model.to``."""
+    from hisa.fused import fused_elementwise
+
+    model = tiny_model(family)
+    ids = torch.randint(0, 256, (1, 9))
+    attn = model.model.layers[0].self_attn
+    q_before = attn.q_proj.weight.detach().clone()
+    with torch.inference_mode():
+        ref = model(input_ids=ids).logits
+        with fused_elementwise(model, "eager", join_projections=True):
+            out = model(input_ids=ids).logits
+            stacked = attn.q_proj.__dict__["_hisa_joined"][0]
+        with fused_elementwise(model, "eager", join_projections=True):
+            assert attn.q_proj.__dict__["_hisa_joined"][0] is stacked  # cached
+        assert attn.k_proj.weight.untyped_storage().data_ptr() == stacked.untyped_storage().data_ptr()
+        assert torch.equal(attn.q_proj.weight, q_before)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        model.to(torch.float64)
+        with fused_elementwise(model, "eager", join_projections=True):
+            out64 = model(input_ids=ids).logits
+            assert attn.q_proj.__dict__["_hisa_joined"][0].dtype == torch.float64
+        torch.testing.assert_close(out64.float(), ref, atol=1e-4, rtol=1e-4)
