@@ -217,6 +217,7 @@ def test_decode_static_kernel_matches_reference(sparse, variant, G, D, monkeypat
 
     monkeypatch.setattr(decode, "FUSED_STATIC", variant != "wide")
     monkeypatch.setattr(decode, "COMBINE_LAST", variant != "separate-combine")
+    monkeypatch.setattr(decode, "COMBINE_LAST_SPARSE", variant != "separate-combine")
     torch.manual_seed(G * 100 + D)
     cfg = HisaConfig(block_size=64, top_blocks=16, top_k=512)
     if G == 7:  # ragged block size, per-head selection, batch 2

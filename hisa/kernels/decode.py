@@ -12,12 +12,12 @@ Sparse (HISA, the reference's per-query semantics), for R = B x units selection 
    finish (an arrival counter, :func:`exact._arrive`) selects the top ``top_blocks``.
 2. ``_stage2_fused``  grid (R, P2): each program scores the tokens of a few kept blocks; the row's last
    program selects the top ``top_k`` and maps them to key indices.
-3. ``exact._sparse_attn``  split-K attention over the kept tokens; the row's last split merges the partials.
+3. ``exact._sparse_attn``  split-K attention over the kept tokens, then ``exact._combine``.
 
 A selection step is a latency chain of block-wide reductions in one program; running it in the scoring
 kernel's last program saves a launch and the wait for it. Rows whose stage-1 width exceeds
 ``FUSED_MAX_BLOCKS`` pooled keys take the previous path (two-level stage 1, separate selection kernels).
-Dense: split-K over every live key, same last-program combine.
+Dense: split-K over every live key, the partials merged by each row's last split (``COMBINE_LAST``).
 """
 
 from __future__ import annotations
@@ -36,7 +36,10 @@ FUSED_STATIC = True  # the three-launch sparse decode; False: the previous six-l
 FUSED_MAX_BLOCKS = 8192  # widest stage-1 row (pooled keys) the fused path selects in one program
 STAGE1_SLICE = 128  # pooled keys scored per program
 STAGE2_BLOCKS = 4  # kept blocks scored per program (at most 256 tokens)
-COMBINE_LAST = True  # split-K partials merged by each row's last program instead of a separate launch
+# split-K partials merged by each row's last program instead of a separate launch: pays for dense decode at
+# long contexts (H200, 128k keys: 74 vs 81 us at head dim 64), costs HISA's 32 short splits ~2 us
+COMBINE_LAST = True  # dense path
+COMBINE_LAST_SPARSE = False
 STATIC_SLICE = 512  # blocks per program in the first level of the wide-row path's stage 1
 
 
@@ -175,9 +178,11 @@ def hisa_decode_static(q, k, v, pooled, length, config, *, scale, sparse, out):
     DP = triton.next_power_of_2(D)
     SGP = triton.next_power_of_2(SG)
     MP = max(16, SGP)
-    common = dict(SG=SG, G=G, NSEL=NSEL, MP=MP, DP=DP, combine_last=COMBINE_LAST)
+    common = dict(SG=SG, G=G, NSEL=NSEL, MP=MP, DP=DP)
     if not sparse:
-        return _attend(q, k, v, None, out, n_idx=cap, scale=scale, length=length, **common)
+        return _attend(q, k, v, None, out, n_idx=cap, scale=scale, length=length, combine_last=COMBINE_LAST,
+                       **common)
+    common["combine_last"] = COMBINE_LAST_SPARSE
     bs, TB, TK = config.block_size, config.top_blocks, config.top_k
     NB = min(pooled.shape[2], math.ceil(cap / bs))
     BSP = triton.next_power_of_2(bs)
