@@ -191,7 +191,8 @@ def decode_case(L, D, cfg, dtype, results, nsets=4):
     # variants of the selection kernels (fused scoring+select; radix / value-range / bisection searches)
     from hisa.kernels import decode, exact, select
 
-    default = (exact.FUSED, select.SELECT_METHOD, decode.FUSED_STATIC, decode.COMBINE_LAST, decode.COMBINE_LAST_SPARSE)
+    default = (exact.FUSED, select.SELECT_METHOD, decode.FUSED_STATIC, decode.COMBINE_LAST, decode.COMBINE_LAST_SPARSE,
+               decode.SELECT_METHOD)
     row["variants"] = {}
     for fused, method in ((True, select.RADIX), (False, select.RADIX), (True, select.RANGE), (True, select.BISECT)):
         exact.FUSED, select.SELECT_METHOD = fused, method
@@ -210,17 +211,18 @@ def decode_case(L, D, cfg, dtype, results, nsets=4):
         ref = (hisa_attention_reference(q.float(), k.float(), v.float(), p, cfg) if sparse
                else sdpa(q.float(), k.float(), v.float(), SDPBackend.MATH, False))
         row[f"{name}_err"] = rel(st(q, k, v, p), ref)
-        # the same with other designs: the radix search, the combine in the last split, six launches
-        variants = ((("radix", True, select.RADIX, False), ("combine-last", True, select.RANGE, True),
+        # the same with other designs: the value-range search, the combine in the last split, six launches
+        variants = ((("range", True, select.RANGE, False), ("combine-last", True, select.RADIX, True),
                      ("six-launch", False, select.RADIX, False)) if sparse
-                    else (("separate-combine", True, select.RANGE, False),))
+                    else (("separate-combine", True, select.RADIX, False),))
         for label, fused_static, method, combine in variants:
-            decode.FUSED_STATIC, select.SELECT_METHOD = fused_static, method
+            decode.FUSED_STATIC, select.SELECT_METHOD, decode.SELECT_METHOD = fused_static, method, method
             decode.COMBINE_LAST = decode.COMBINE_LAST_SPARSE = combine
             st(*sets[0])
             row[f"{name}_{label}_graph_ms"] = graph_time([lambda s=s, st=st: st(*s) for s in sets])
             row[f"{name}_{label}_err"] = rel(st(q, k, v, p), ref)
-        exact.FUSED, select.SELECT_METHOD, decode.FUSED_STATIC, decode.COMBINE_LAST, decode.COMBINE_LAST_SPARSE = default
+        (exact.FUSED, select.SELECT_METHOD, decode.FUSED_STATIC, decode.COMBINE_LAST, decode.COMBINE_LAST_SPARSE,
+         decode.SELECT_METHOD) = default
     if flg:
         row["static_sparse_vs_flash"] = flg / row["static_sparse_graph_ms"]
         row["static_dense_vs_flash"] = flg / row["static_dense_graph_ms"]
@@ -312,13 +314,13 @@ def main(argv=None):
                   f"{r['static_dense_graph_ms']:.4f} ({fmt(r.get('static_dense_vs_flash'), '{:.2f}')}x) | "
                   f"{r['static_sparse_graph_ms']:.4f} ({fmt(r.get('static_sparse_vs_flash'), '{:.2f}')}x) | "
                   f"{r['static_dense_err']:.1e} / {r['static_sparse_err']:.1e} |")
-        print("\nOther designs of the same (ms per layer call): HISA with the radix search / with the combine in the"
-              " last split / in six launches (separate selections, radix); dense with a separate combine launch")
-        print("| D | ctx | HISA | HISA radix | HISA combine in last split | HISA six launches | dense separate combine |")
+        print("\nOther designs of the same (ms per layer call): HISA with the value-range search / with the combine in"
+              " the last split / in six launches (separate selections); dense with a separate combine launch")
+        print("| D | ctx | HISA | HISA range search | HISA combine in last split | HISA six launches | dense separate combine |")
         print("|---|---|---|---|---|---|---|")
         for r in dec:
             print(f"| {r['D']} | {r['L'] // 1024}k | {r['static_sparse_graph_ms']:.4f} | "
-                  f"{r['static_sparse_radix_graph_ms']:.4f} | {r['static_sparse_combine-last_graph_ms']:.4f} | "
+                  f"{r['static_sparse_range_graph_ms']:.4f} | {r['static_sparse_combine-last_graph_ms']:.4f} | "
                   f"{r['static_sparse_six-launch_graph_ms']:.4f} | {r['static_dense_separate-combine_graph_ms']:.4f} |")
 
 

@@ -49,8 +49,10 @@ def _range_search(x, key, valid, K, NBINS: tl.constexpr, NPASS: tl.constexpr):
     for p in tl.static_range(NPASS):
         if not done:
             cand = fin & (x >= lo) & (x <= hi)
-            scale = NBINS / (hi - lo)
-            b = tl.minimum(((x - lo) * scale).to(tl.int32), NBINS - 1)
+            # bin of x: monotone in x, in [0, NBINS) also when hi - lo over- or underflows (NaN -> last bin:
+            # only x - lo = inf times a zero scale gives NaN, and those are the largest entries)
+            t = tl.where(x > lo, (x - lo) * (NBINS / (hi - lo)), 0.0)
+            b = tl.where(t < NBINS, t, NBINS - 1).to(tl.int32)
             hist = tl.histogram(b, NBINS, mask=cand)
             ge = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist  # candidates in bins >= j
             d = tl.max(tl.where(ge >= krem, bins, 0), 0)
