@@ -435,7 +435,7 @@ def test_out_of_memory_while_recording_is_raised_not_disabling(monkeypatch):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_joined_projections_cpu(family):
+def test_joined_projections_cpu(family, tmp_path):
     """q/k/v and gate/up as one matrix product each: the same logits, parameters become views of the
     stacked weights with unchanged values, the stacking is done once and redone after ``model.to``."""
     from hisa.fused import fused_elementwise
@@ -454,6 +454,10 @@ def test_joined_projections_cpu(family):
         assert attn.k_proj.weight.untyped_storage().data_ptr() == stacked.untyped_storage().data_ptr()
         assert torch.equal(attn.q_proj.weight, q_before)
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    model.save_pretrained(tmp_path)  # parameters that are views of one storage still save and load
+    again = type(model).from_pretrained(tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    with torch.inference_mode():
         model.to(torch.float64)
         with fused_elementwise(model, "eager", join_projections=True):
             out64 = model(input_ids=ids).logits
