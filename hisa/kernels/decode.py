@@ -46,15 +46,12 @@ SELECT_METHOD = select.RADIX
 STATIC_SLICE = 512  # blocks per program in the first level of the wide-row path's stage 1
 
 
-@triton.jit(do_not_specialize=["NB"])
-def _stage1_fused(
-    Q, P, S1, BLK, CNT, LENP, sqb, sqh, spb, sph, spn,
-    NSEL, SG, G, D, bs, TB, NB, NP,
-    SGP: tl.constexpr, DP: tl.constexpr, DC: tl.constexpr, SLICE: tl.constexpr, NBP: tl.constexpr,
-    KP: tl.constexpr, METHOD: tl.constexpr,
-):
-    row = tl.program_id(0)
-    sl = tl.program_id(1)
+@triton.jit
+def _slice_scores(Q, P, LENP, row, sl, sqb, sqh, spb, sph, spn, NSEL, SG, G, D, bs, NB,
+                  SGP: tl.constexpr, DP: tl.constexpr, DC: tl.constexpr, SLICE: tl.constexpr):
+    """Stage-1 scores of one decode row against pooled keys sl * SLICE ... + SLICE - 1, and those block
+    indices: the row's selector (its unit's query heads summed) dotted with each pooled key; -inf for blocks
+    not visible from the query at LENP[0] - 1, +inf for the sink and the query's own block."""
     b = (row // NSEL).to(tl.int64)
     u = row % NSEL
     kv = (u * SG) // G
@@ -75,6 +72,20 @@ def _stage1_fused(
         x += tl.sum(pc * qs[None, :], 1)
     x = tl.where(nmask, x, float("-inf"))
     x = tl.where(nmask & ((offs == 0) | (offs == nvis - 1)), float("inf"), x)
+    return x, offs
+
+
+@triton.jit(do_not_specialize=["NB"])
+def _stage1_fused(
+    Q, P, S1, BLK, CNT, LENP, sqb, sqh, spb, sph, spn,
+    NSEL, SG, G, D, bs, TB, NB, NP,
+    SGP: tl.constexpr, DP: tl.constexpr, DC: tl.constexpr, SLICE: tl.constexpr, NBP: tl.constexpr,
+    KP: tl.constexpr, METHOD: tl.constexpr,
+):
+    row = tl.program_id(0)
+    sl = tl.program_id(1)
+    x, offs = _slice_scores(Q, P, LENP, row, sl, sqb, sqh, spb, sph, spn, NSEL, SG, G, D, bs, NB,
+                            SGP, DP, DC, SLICE)
     srow = S1 + row.to(tl.int64) * NBP
     tl.store(srow + offs, x)
     if _arrive(CNT + row, NP):
@@ -132,26 +143,8 @@ def _stage1_slice(
     selection over the slices' candidates gives the row's top TB (the global top TB is among them)."""
     row = tl.program_id(0)
     sl = tl.program_id(1)
-    b = (row // NSEL).to(tl.int64)
-    u = row % NSEL
-    kv = (u * SG) // G
-    pos = tl.load(LENP) - 1
-    nvis = pos // bs + 1
-    offs = sl * SLICE + tl.arange(0, SLICE)
-    nmask = (offs < nvis) & (offs < NB)
-    g = tl.arange(0, SGP)
-    h = (u * SG + g).to(tl.int64)
-    x = tl.zeros([SLICE], tl.float32)
-    for d0 in tl.static_range(0, DP, DC):
-        dd = d0 + tl.arange(0, DC)
-        qc = tl.load(Q + b * sqb + h[:, None] * sqh + dd[None, :],
-                     mask=(g[:, None] < SG) & (dd[None, :] < D), other=0.0).to(tl.float32)
-        qs = tl.sum(qc, 0)
-        pc = tl.load(P + b * spb + kv * sph + offs[:, None].to(tl.int64) * spn + dd[None, :],
-                     mask=nmask[:, None] & (dd[None, :] < D), other=0.0)
-        x += tl.sum(pc * qs[None, :], 1)
-    x = tl.where(nmask, x, float("-inf"))
-    x = tl.where(nmask & ((offs == 0) | (offs == nvis - 1)), float("inf"), x)
+    x, offs = _slice_scores(Q, P, LENP, row, sl, sqb, sqh, spb, sph, spn, NSEL, SG, G, D, bs, NB,
+                            SGP, DP, DC, SLICE)
     base = (row.to(tl.int64) * NSLICE + sl) * TB
     _select_core(x, tl.arange(0, SLICE), TB, CI + base, offs, SLICE, KP, RADIX, CS + base, True)
 
