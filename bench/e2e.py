@@ -4,10 +4,13 @@
     python bench/e2e.py --contexts 8k,32k --steps 16 --json e2e.json
 
 Measures time to first token (prefill forward of the whole prompt + first token), decode ms/token
-(median over ``--steps`` single-token steps after 2 warm-up steps) and peak GPU memory, for dense
+(median over ``--steps`` single-token steps after 2 warm-up steps, each read on the host before the next
+starts) and peak GPU memory, for dense
 (``attn_implementation="sdpa"``, DynamicCache) then for the same weights patched with ``apply_hisa``
 (HisaCache preallocated to the needed length): ``hisa`` decodes by calling the model, ``dense-graph`` /
-``hisa-graph`` through ``hisa.DecodeStep`` (CUDA-graph replays, as the server decodes; HISA off / on).
+``hisa-graph`` through ``hisa.DecodeStep`` (CUDA-graph replays, as the server decodes; HISA off / on). The graph modes also report
+``decode_lookahead_ms``: ms per token over ``--steps`` tokens decoded as the server's engine does, step n+1
+enqueued before token n is read on the host (greedy tokens, ``server.sampling.argmax``).
 Random weights: this measures speed, not quality.
 """
 
@@ -51,6 +54,28 @@ def _sync_time():
     return time.perf_counter()
 
 
+def _lookahead_ms(stepper, cache, tok, steps: int) -> float:
+    """ms per token of ``steps`` greedy steps pipelined as server/engine.py runs them: the step for token n is
+    enqueued, then token n-1 is read on the host (pinned copy + event), so the GPU never waits for the host."""
+    from server.sampling import argmax
+
+    t0 = _sync_time()
+    prev = None
+    for _ in range(steps):
+        tok = argmax(stepper(tok.view(-1), cache)[0])
+        host = torch.empty(1, dtype=torch.long, pin_memory=True)
+        host.copy_(tok, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        if prev is not None:
+            prev[1].synchronize()
+            prev[0].item()
+        prev = (host, done)
+    prev[1].synchronize()
+    prev[0].item()
+    return 1000 * (time.perf_counter() - t0) / steps
+
+
 @torch.no_grad()
 def run_one(model, ids, make_cache, steps, reps=2, decode_flash=False, stepper=None):
     ttfts = []
@@ -72,7 +97,9 @@ def run_one(model, ids, make_cache, steps, reps=2, decode_flash=False, stepper=N
     for i in range(steps + 2):
         a = _sync_time()
         if stepper is not None:  # the engine's decode: CUDA-graph replay, one host sync per token
-            nxt = stepper(nxt.view(-1), cache).argmax(-1, keepdim=True)
+            from server.sampling import argmax
+
+            nxt = argmax(stepper(nxt.view(-1), cache)[0])
             nxt.cpu()
         else:
             with sdpa_kernel([SDPBackend.FLASH_ATTENTION]) if decode_flash else contextlib.nullcontext():
@@ -87,6 +114,7 @@ def run_one(model, ids, make_cache, steps, reps=2, decode_flash=False, stepper=N
     r = {"ttft_s": ttft, "decode_ms": 1000 * times[len(times) // 2], "first_step_ms": 1000 * first,
          "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
     if stepper is not None:
+        r["decode_lookahead_ms"] = _lookahead_ms(stepper, cache, nxt, steps)
         r["graph_replays"] = stepper.replays
         r["graph_failed"] = stepper.failed
     return r
@@ -126,7 +154,7 @@ def main(argv=None):
             if mode.endswith("graph"):
                 stepper = DecodeStep(model)
         patched = mode not in ("dense", "dense-flash")
-        mk = (lambda L: new_cache(model, L + args.steps + 8)) if patched else (lambda L: DynamicCache())
+        mk = (lambda L: new_cache(model, L + 2 * args.steps + 8)) if patched else (lambda L: DynamicCache())
         flash = mode == "dense-flash"
         run_one(model, warm, lambda: mk(warm.shape[1]), 2, reps=1, decode_flash=flash, stepper=stepper)  # warm-up
         for L in ctxs:
@@ -136,14 +164,16 @@ def main(argv=None):
             torch.cuda.empty_cache()
     print(f"\n## {dev} — Llama-3.2-1B shape, random weights, bf16, batch 1; HISA top_blocks={hcfg.top_blocks} "
           f"top_k={hcfg.top_k}")
-    print("| ctx | mode | TTFT s | TTFT vs dense | decode ms/tok | decode vs dense | peak GiB |")
-    print("|---|---|---|---|---|---|---|")
+    print("| ctx | mode | TTFT s | TTFT vs dense | decode ms/tok | decode vs dense | lookahead ms/tok | peak GiB |")
+    print("|---|---|---|---|---|---|---|---|")
     for L, r in results.items():
         d = r.get("dense")
         for mode, x in r.items():
             rt = f"{x['ttft_s'] / d['ttft_s']:.2f}" if d else "-"
             rd = f"{x['decode_ms'] / d['decode_ms']:.2f}" if d else "-"
-            print(f"| {L // 1024}k | {mode} | {x['ttft_s']:.3f} | {rt} | {x['decode_ms']:.2f} | {rd} | {x['peak_gib']:.1f} |")
+            la = f"{x['decode_lookahead_ms']:.2f}" if "decode_lookahead_ms" in x else "-"
+            print(f"| {L // 1024}k | {mode} | {x['ttft_s']:.3f} | {rt} | {x['decode_ms']:.2f} | {rd} | {la} | "
+                  f"{x['peak_gib']:.1f} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"device": dev, "config": hcfg.to_dict(),
                                                "results": {str(k): v for k, v in results.items()}}, indent=1))

@@ -32,7 +32,7 @@ from .detok import TextStream
 from .errors import APIError
 from .metrics import Metrics
 from .prefix_cache import PrefixCache
-from .sampling import Sample, SamplerState, SamplingParams
+from .sampling import PendingSample, Sample, SamplerState, SamplingParams
 
 log = logging.getLogger("hisa.server")
 
@@ -74,6 +74,7 @@ class EngineConfig:
     chat_template: str | None = None
     gpu_memory_utilization: float = 0.90
     cuda_graphs: bool = True  # decode steps replayed from CUDA graphs on the GPU (--enforce-eager: off)
+    lookahead: bool | None = None  # enqueue decode step n+1 before reading token n (None: on CUDA)
 
 
 @dataclass
@@ -154,6 +155,7 @@ class Sequence:
         self.cached = 0  # of which reused from the prefix cache
         self.generated: list[int] = []
         self.last: torch.Tensor | None = None  # last sampled token, on the device
+        self.pending = None  # PendingSample of ``last`` not yet read on the host (engine lookahead)
         self.text = TextStream(engine.tokenizer, req.params.stop)
         self.sampler: SamplerState | None = None
         self.attended = 0
@@ -261,6 +263,9 @@ class Engine:
         self.model, self.tokenizer = model, tok
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
+        # lookahead pays where the device runs asynchronously from the host; on a CPU it would only add a
+        # wasted step at the end of each answer
+        self.lookahead = self.device.type == "cuda" if cfg.lookahead is None else bool(cfg.lookahead)
         text_cfg = model.config.get_text_config(decoder=True)
         self.vocab_size = int(getattr(text_cfg, "vocab_size", None) or len(tok))
         # end of sequence ids: generation config + tokenizer
@@ -616,8 +621,35 @@ class Engine:
         if seq.pos < seq.prompt_len:
             self._prefill_chunk(seq)
         else:
+            self._decode(seq)
+
+    def _decode(self, seq: Sequence) -> None:
+        """One decode step. With lookahead, the step that feeds the newest token is enqueued before that token
+        is read on the host (``seq.pending``): the GPU computes token n+1 while the host delivers token n
+        (detokenising, stop strings, streaming), so it never waits for the host between tokens. When token n
+        ends the answer (end of sequence, a stop string), the step computed from it is dropped; its K/V stays
+        in the cache, which then holds every generated token (the prefix cache records how many it holds)."""
+        pending = seq.pending
+        nxt = None
+        if pending is None or self._may_continue(seq):
             logits = self._tracked(seq, self.decode_step, seq.last, seq.cache)
-            self._accept(seq, logits)
+            nxt = seq.sampler.sample_async(logits)
+        if pending is not None:
+            seq.pending = None
+            if self._deliver(seq, pending):
+                return
+        if nxt is None:
+            return
+        seq.last = nxt.token
+        if self.lookahead:
+            seq.pending = nxt
+        else:
+            self._deliver(seq, nxt)
+
+    def _may_continue(self, seq: Sequence) -> bool:
+        """Whether the answer may go on after its pending token (it is not the last one its length allows)."""
+        n = len(seq.generated) + 1
+        return n < seq.max_tokens and seq.prompt_len + n < self.max_model_len
 
     def _begin(self, seq: Sequence) -> None:
         """Find a cached prefix (reused K/V and pooled keys) or allocate a fresh preallocated cache."""
@@ -707,8 +739,16 @@ class Engine:
 
     # -- tokens out ------------------------------------------------------------------------------------
     def _accept(self, seq: Sequence, logits: torch.Tensor) -> None:
+        """Sample from ``logits`` and deliver the token now (the first token of an answer)."""
+        pending = seq.sampler.sample_async(logits)
+        seq.last = pending.token
+        self._deliver(seq, pending)
+
+    def _deliver(self, seq: Sequence, pending: PendingSample) -> bool:
+        """Read a sampled token on the host, stream it, and end the job if it ends the answer; returns
+        whether the job ended."""
         req = seq.req
-        token_t, sample = seq.sampler.sample(logits)
+        sample = pending.result()
         now = time.monotonic()
         m = self.metrics
         if m:
@@ -721,7 +761,6 @@ class Engine:
         seq.t_last = now
         tok = sample.token
         seq.generated.append(tok)
-        seq.last = token_t
         finish = None
         if tok in self.eos_ids and not req.params.ignore_eos:
             text = seq.text.flush()
@@ -736,6 +775,7 @@ class Engine:
         req.emit(Delta(seq.job.index, text, tok, sample, finish))
         if finish:
             self._finish_job(seq, finish)
+        return finish is not None
 
     def _finish_job(self, seq: Sequence, reason: str) -> None:
         req = seq.req

@@ -11,7 +11,7 @@ import torch
 from server.detok import TextStream
 from server.engine import Delta, Done, Engine, EngineConfig, Failed, GenRequest, Job, Progress
 from server.prefix_cache import PrefixCache, common_prefix
-from server.sampling import SamplerState, SamplingParams
+from server.sampling import SamplerState, SamplingParams, _split_argmax, argmax
 
 from .server_utils import tiny_model_dir
 
@@ -110,6 +110,51 @@ def test_follow_up_reuses_generated_tokens(engine):
     _, usage, _ = run(engine, [follow], GREEDY)
     # the cache held the prompt and all generated tokens but the last (never fed back)
     assert usage["prompt_tokens_details"]["cached_tokens"] == 100 + 12 - 1
+
+
+def test_lookahead_gives_the_same_answers(engine, model_dir):
+    """Engine lookahead (decode step n+1 enqueued before token n is read, the default on CUDA) changes
+    nothing a client sees: greedy and seeded answers, several choices, log-probabilities, and answers ended
+    early by a stop string, where the step computed after the last token is dropped."""
+    ahead = make_engine(model_dir, prefill_chunk=64, prefix_cache_tokens=100_000, lookahead=True)
+    try:
+        assert ahead.lookahead and not engine.lookahead
+        p = prompt(90, seed=40)
+        sampled = SamplingParams(max_tokens=9, temperature=0.8, top_p=0.9, seed=7, ignore_eos=True,
+                                 logprobs=True, top_logprobs=2)
+        for params in (GREEDY, sampled):
+            a, ua, ea = run(engine, [p, p], params)
+            b, ub, eb = run(ahead, [p, p], params)
+            assert a == b and all(len(t) == params.max_tokens for t in b.values())
+            assert ua["completion_tokens"] == ub["completion_tokens"] == 2 * params.max_tokens
+            lp = [[(e.sample.logprob, e.sample.top) for e in ev if isinstance(e, Delta)] for ev in (ea, eb)]
+            assert lp[0] == lp[1]
+        # a stop string that ends the answer at its 5th token or later (a prompt whose answer has one)
+        draw = SamplingParams(max_tokens=12, temperature=1.0, seed=3, ignore_eos=True)
+        for seed in range(40, 60):
+            p = prompt(90, seed=seed)
+            toks = run(engine, [p], draw)[0][0]
+            texts = [engine.decode(toks[: i + 1]) for i in range(len(toks))]
+            pieces = [texts[i][len(texts[i - 1]) :] for i in range(1, len(toks))]
+            found = [i + 1 for i, piece in enumerate(pieces) if i >= 3 and piece.strip() and piece not in texts[i]]
+            if found:
+                break
+        assert found, "no prompt gave an answer with a usable stop string"
+        stop_at = found[0]
+        stop = texts[stop_at][len(texts[stop_at - 1]) :]
+        params = SamplingParams(max_tokens=12, temperature=1.0, seed=3, ignore_eos=True, stop=[stop])
+        a, _, ea = run(engine, [p], params)
+        b, _, eb = run(ahead, [p], params)
+        assert a == b and len(b[0]) == stop_at + 1
+        assert [e.finish_reason for e in eb if isinstance(e, Delta)][-1] == "stop"
+        assert "".join(e.text for e in ea if isinstance(e, Delta)) == "".join(e.text for e in eb if isinstance(e, Delta))
+        # the follow-up reuses the cache, which (with lookahead) also holds the last generated token
+        follow = p + b[0] + prompt(6, seed=41)
+        c, usage, _ = run(ahead, [follow], GREEDY)
+        assert usage["prompt_tokens_details"]["cached_tokens"] == len(p) + len(b[0])
+        assert c == run(engine, [follow], GREEDY)[0]
+    finally:
+        ahead.shutdown()
 
 
 def test_cancel_mid_prefill_frees_cache(model_dir):
@@ -252,6 +297,21 @@ def test_sampler_logprobs():
     assert sample.logprob == pytest.approx(lsm[1].item())
     assert [t for t, _ in sample.top] == [1, 2]
     assert sample.top[1][1] == pytest.approx(lsm[2].item())
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])])
+def test_argmax_over_chunks_resolves_as_torch(device):
+    g = torch.Generator().manual_seed(0)
+    for n in (16384, 32000, 49152, 100003, 128256, 151936):
+        x = torch.randn(n, generator=g).to(device)
+        assert _split_argmax(x).tolist() == [x.argmax().item()] == argmax(x).tolist()
+        x[n // 3] = x[n - 5] = 1e4  # a tie: the first position wins
+        assert _split_argmax(x).item() == n // 3 == argmax(x).item()
+        x[n // 2] = float("nan")  # NaN counts as the largest, as for torch.argmax
+        assert _split_argmax(x).item() == n // 2 == argmax(x).item()
+        x.fill_(float("-inf"))
+        assert _split_argmax(x).item() == x.argmax().item() == 0
 
 
 class _CharTok:
