@@ -11,6 +11,14 @@ stopped and resumed (``--resume``), and printed as a Markdown table.
 
     nice -n 10 python bench/quality.py --length 8192 --windows 1 --out bench/results/quality-8k.json
     python bench/quality.py --table bench/results/quality-8k.json     # just print the table
+
+On a GPU (``--device cuda --grid gpu``) the same comparison checks the Triton kernels against the
+references in one run, same model, dtype and windows: ``hisa`` is what the kernels compute for these
+prefill-style forwards (the tile kernel, whose reference is ``hisa-tiled``), ``hisa-exact`` the per-query
+kernels (HISA_PREFILL=exact, reference ``hisa-reference``). The dense crossovers are off there
+(HISA_DENSE_BELOW=0), so every window runs sparse as on the CPU.
+
+    python bench/quality.py --device cuda --dtype bfloat16 --grid gpu --windows 4 --out quality-gpu.json
 """
 
 from __future__ import annotations
@@ -68,21 +76,40 @@ def grid(name: str, length: int) -> list[dict]:
     ]
     if name == "quick":
         return runs[:6]
+    if name == "gpu":  # kernels next to their references, at both budgets
+        return [_run(m, **c) for c in (quarter, small)
+                for m in ("hisa", "hisa-tiled", "hisa-exact", "hisa-reference")]
     return runs
 
 
 @contextlib.contextmanager
-def backend(name: str):
-    """Run HISA through another backend of hisa.ops (read from $HISA_BACKEND at every call)."""
-    old = os.environ.get("HISA_BACKEND")
-    os.environ["HISA_BACKEND"] = name
+def environment(**values: str):
+    """Set environment variables for the duration (hisa.ops reads $HISA_BACKEND and the kernels
+    $HISA_PREFILL at every call)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop("HISA_BACKEND", None)
-        else:
-            os.environ["HISA_BACKEND"] = old
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def backend(name: str):
+    """Run HISA through another backend of hisa.ops."""
+    return environment(HISA_BACKEND=name)
+
+
+# how each HISA method runs (others are the same-budget baselines of bench/baselines.py)
+METHODS = {
+    "hisa": None,  # the default dispatch: the reference on a CPU, the Triton kernels on a GPU
+    "hisa-tiled": lambda: backend("reference_tiled"),
+    "hisa-reference": lambda: backend("reference"),
+    "hisa-exact": lambda: environment(HISA_BACKEND="triton", HISA_PREFILL="exact"),
+}
 
 
 def run_key(run: dict, length: int, windows: int) -> str:
@@ -134,7 +161,9 @@ def main(argv=None) -> int:
     p.add_argument("--windows", type=int, default=1, help="windows per setting (default 1)")
     p.add_argument("--skip-windows", type=int, default=0,
                    help="start at this window of the evenly spread set (to add windows with a second process)")
-    p.add_argument("--grid", choices=["quick", "full"], default="full")
+    p.add_argument("--grid", choices=["quick", "full", "gpu"], default="full")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "quality.json")
     p.add_argument("--resume", action="store_true", help="skip the runs already in --out")
     p.add_argument("--threads", type=int, default=2)
@@ -149,11 +178,16 @@ def main(argv=None) -> int:
     self_check()
     from hisa.models import load_model  # noqa: PLC0415
 
-    model, tok = load_model(args.model, device="cpu", dtype="float32")
+    if args.device.startswith("cuda"):  # measure the sparse path at every length, as on the CPU
+        os.environ.setdefault("HISA_DENSE_BELOW", "0")
+        os.environ.setdefault("HISA_DENSE_BELOW_DECODE", "0")
+    model, tok = load_model(args.model, device=args.device, dtype=args.dtype)
     ids = tok(args.text.read_text(encoding="utf-8"), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
     # skip the front matter (title page, contents) of the book: start windows 2% in
     windows = text_windows(ids[len(ids) // 50 :], args.length, args.windows + args.skip_windows)[args.skip_windows :]
-    state = {"model": args.model, "text": str(args.text), "length": args.length, "runs": []}
+    state = {"model": args.model, "text": str(args.text), "length": args.length, "runs": [],
+             "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+             "dtype": args.dtype}
     if args.resume and args.out.is_file():
         state = json.loads(args.out.read_text())
     done = {e["key"] for e in state["runs"]}
@@ -165,8 +199,7 @@ def main(argv=None) -> int:
         if key in done:
             continue
         cfg = HisaConfig(**run["config"])
-        ctx = {"hisa": None, "hisa-tiled": lambda: backend("reference_tiled")}.get(
-            run["method"], lambda m=run["method"]: use_baseline(m))
+        ctx = METHODS.get(run["method"], lambda m=run["method"]: use_baseline(m))
         t0 = time.perf_counter()
         dense_before = len(dense_cache)
         res = evaluate_windows(model, windows, cfg, dense_cache=dense_cache, sparse_context=ctx)
