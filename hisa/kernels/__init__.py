@@ -41,10 +41,6 @@ def prefill_mode() -> str:
     return mode
 
 
-def exact_tail() -> int:
-    return int(os.environ.get("HISA_EXACT_TAIL", "0"))
-
-
 def path_for(q_len: int, config, head_dim: int) -> str:
     """'exact' or 'tile': which kernel path a call with ``q_len`` queries takes."""
     from .tiled import tile_supported  # noqa: PLC0415
@@ -85,21 +81,7 @@ def hisa_attention(q, k, v, pooled, config, *, scale=None, mask=None, q_start=No
         mask = mask.expand(B, 1, Lq, Lk).view(torch.uint8)
     # written as [B, Lq, Hq, D] so that the caller's transpose(1, 2).contiguous() is free
     out = torch.empty(B, Lq, Hq, D, dtype=q.dtype, device=q.device).transpose(1, 2)
-    tail = 0
-    if path is None:
-        path = path_for(Lq, config, D)
-        tail = min(exact_tail(), Lq) if path == "tile" else 0
-    if tail and Lq - tail > EXACT_MAX_QUERIES:
-        from .exact import hisa_attention_exact  # noqa: PLC0415
-        from .tiled import hisa_attention_tiled  # noqa: PLC0415
-
-        n = Lq - tail
-        m = (lambda a, b: mask[:, :, a:b]) if mask is not None else (lambda a, b: None)
-        hisa_attention_tiled(q[:, :, :n], k, v, pooled, config, scale=scale, q_start=q_start, mask=m(0, n),
-                             out=out[:, :, :n])
-        hisa_attention_exact(q[:, :, n:], k, v, pooled, config, scale=scale, q_start=q_start + n, mask=m(n, Lq),
-                             out=out[:, :, n:])
-        return out
+    path = path or path_for(Lq, config, D)
     if path == "tile":
         from .tiled import hisa_attention_tiled  # noqa: PLC0415
 
