@@ -98,19 +98,17 @@ class Server:
         self.log.close()
 
 
-def stream_raw(url: str, prompt: list[int], max_tokens: int) -> dict:
-    """The same streamed request with a plain HTTP client (httpx + json): what the server costs, without
-    the openai SDK's request building (which walks every element of a token-id prompt in Python: ~0.3-0.5 s
-    for 32k ids, measured on this bench's machines)."""
-    import httpx
-
+def stream_raw(http, prompt: list[int], max_tokens: int) -> dict:
+    """The same streamed request with a plain HTTP client (``http``: one ``httpx.Client`` per server, kept
+    open as a real client keeps its connection; creating one costs 20-40 ms, mostly its TLS context) and json:
+    what the server costs, without the openai SDK's request building (which walks every element of a
+    token-id prompt in Python: ~0.3-0.5 s for 32k ids, measured on this bench's machines)."""
     body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
             "stream_options": {"include_usage": True}, "ignore_eos": True}
     data = json.dumps(body)
     t0 = time.perf_counter()
     stamps, usage = [], None
-    with httpx.stream("POST", url + "/v1/completions", content=data, timeout=1800,
-                      headers={"Content-Type": "application/json"}) as r:
+    with http.stream("POST", "/v1/completions", content=data, headers={"Content-Type": "application/json"}) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
@@ -169,13 +167,16 @@ def run_mode(name: str, server: Server, contexts: list[int], vocab: int, max_tok
              think: float = 0.0) -> list:
     from openai import OpenAI
 
+    import httpx
+
     client = OpenAI(base_url=server.url + "/v1", api_key="none", timeout=1800, max_retries=0)
+    http = httpx.Client(base_url=server.url, timeout=1800)
     rng = random.Random(0)
     rows = []
     # warm-up: compiles kernels and fills allocator pools at a long-ish length
     warm = [rng.randrange(100, vocab) for _ in range(min(contexts[-1], 20000))]
     stream_once(client, warm, 4)
-    stream_raw(server.url, warm[:9000], 4)
+    stream_raw(http, warm[:9000], 4)
     for n in contexts:
         doc = [rng.randrange(100, vocab) for _ in range(n - 16)]
         q1, q2, q3, q4 = ([rng.randrange(100, vocab) for _ in range(16)] for _ in range(4))
@@ -183,12 +184,12 @@ def run_mode(name: str, server: Server, contexts: list[int], vocab: int, max_tok
         sdk = stream_once(client, doc + q1, max_tokens)
         time.sleep(think)
         sdk_follow = stream_once(client, doc + q2, 8) if n <= followup_len else None
-        first = stream_raw(server.url, doc + q3, max_tokens)  # reuses doc's cache too: only q3 is new
+        first = stream_raw(http, doc + q3, max_tokens)  # reuses doc's cache too: only q3 is new
         # a cold first request on a fresh document, then (up to followup_len) a follow-up on it
         doc2 = [rng.randrange(100, vocab) for _ in range(n - 16)]
-        first_cold = stream_raw(server.url, doc2 + q1, max_tokens)
+        first_cold = stream_raw(http, doc2 + q1, max_tokens)
         time.sleep(think)
-        follow = stream_raw(server.url, doc2 + q4, 8) if n <= followup_len else None
+        follow = stream_raw(http, doc2 + q4, 8) if n <= followup_len else None
         row = {"mode": name, "context": n, **{k: sdk[k] for k in ("ttft_s", "itl_ms", "itl_median_ms")},
                "usage": sdk["usage"], "raw_itl_ms": first["itl_ms"], "raw_ttft_s": first_cold["ttft_s"]}
         if follow:
@@ -210,6 +211,7 @@ def run_mode(name: str, server: Server, contexts: list[int], vocab: int, max_tok
               + (f"  peak {row['gpu_peak_gib']:.1f} GiB" if row["gpu_peak_gib"] else "")
               + (f"  follow-up TTFT {follow['ttft_s']:.3f} s ({row['followup_ratio']:.2f}x)" if follow else ""),
               flush=True)
+    http.close()
     return rows
 
 
