@@ -630,21 +630,28 @@ class Engine:
         ends the answer (end of sequence, a stop string), the step computed from it is dropped; its K/V stays
         in the cache, which then holds every generated token (the prefix cache records how many it holds)."""
         pending = seq.pending
-        nxt = None
+        seq.pending = None
         if pending is None or self._may_continue(seq):
             logits = self._tracked(seq, self.decode_step, seq.last, seq.cache)
             nxt = seq.sampler.sample_async(logits)
-        if pending is not None:
-            seq.pending = None
-            if self._deliver(seq, pending):
+            seq.last = nxt.token
+            if not self.lookahead:  # (then nothing is ever pending)
+                self._deliver(seq, nxt)
                 return
-        if nxt is None:
-            return
-        seq.last = nxt.token
-        if self.lookahead:
-            seq.pending = nxt
-        else:
-            self._deliver(seq, nxt)
+            seq.pending = nxt  # in flight: ending or dropping the job waits for it (see _settle)
+        if pending is not None:
+            self._deliver(seq, pending)
+
+    @staticmethod
+    def _settle(seq: Sequence) -> None:
+        """Wait for a decode step still in flight on the job's cache (lookahead) before the cache is handed to
+        the prefix cache or released, so that no recorded graph is dropped while the GPU runs it."""
+        pending, seq.pending = seq.pending, None
+        if pending is not None:
+            try:
+                pending.wait()
+            except Exception:  # noqa: BLE001 - the job ends either way; the error shows in the log
+                log.exception("a decode step in flight failed")
 
     def _may_continue(self, seq: Sequence) -> bool:
         """Whether the answer may go on after its pending token (it is not the last one its length allows)."""
@@ -779,6 +786,7 @@ class Engine:
 
     def _finish_job(self, seq: Sequence, reason: str) -> None:
         req = seq.req
+        self._settle(seq)
         u = req.usage
         key = tuple(seq.job.prompt_ids)
         if key not in req._seen_prompts:  # n choices of one prompt count its tokens once, like OpenAI
@@ -825,6 +833,7 @@ class Engine:
 
     def _drop(self, seq: Sequence) -> None:
         """Free a sequence's cache (cancellation / failure) and remove it from the running set."""
+        self._settle(seq)
         if seq.cache is not None:
             seq.cache.release()
             seq.cache = None

@@ -86,6 +86,11 @@ class PendingSample:
             self._host = packed
         self._sample: Sample | None = None
 
+    def wait(self) -> None:
+        """Block until the sampling (and everything enqueued before it) has run."""
+        if self._event is not None:
+            self._event.synchronize()
+
     def result(self) -> Sample:
         if self._sample is None:
             if self._event is not None:

@@ -153,6 +153,27 @@ def test_lookahead_gives_the_same_answers(engine, model_dir):
         c, usage, _ = run(ahead, [follow], GREEDY)
         assert usage["prompt_tokens_details"]["cached_tokens"] == len(p) + len(b[0])
         assert c == run(engine, [follow], GREEDY)[0]
+
+        # a client that leaves mid-answer: the step in flight is settled and the cache freed
+        async def leave():
+            req = GenRequest([Job(prompt(60, seed=42), 0)], SamplingParams(max_tokens=500, temperature=0.0,
+                                                                          ignore_eos=True),
+                             asyncio.get_running_loop())
+            ahead.submit(req)
+            deltas = 0
+            while deltas < 3:
+                deltas += isinstance(await asyncio.wait_for(req.events.get(), 60), Delta)
+            ahead.abort(req)
+            deadline = time.monotonic() + 30
+            while ahead.stats()["running_sequences"] and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            return req
+
+        req = asyncio.run(leave())
+        assert req.cancelled and req.finished
+        stats = ahead.stats()
+        assert stats["running_sequences"] == 0 and stats["live_cache_bytes"] == {"kv": 0, "pooled": 0}
+        assert run(ahead, [p], GREEDY)[0] == run(engine, [p], GREEDY)[0]  # and it still serves
     finally:
         ahead.shutdown()
 
