@@ -93,8 +93,7 @@ class PendingSample:
 
     def result(self) -> Sample:
         if self._sample is None:
-            if self._event is not None:
-                self._event.synchronize()
+            self.wait()
             host = self._host.tolist()  # the one sync per token
             sample = Sample(int(host[0]))
             p = self._p
