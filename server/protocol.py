@@ -151,11 +151,16 @@ class ChatCompletionRequest(_SamplingFields):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
-PromptInput = Union[
-    str,
-    Annotated[list[str], Field(min_length=1)],
-    Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)],
-    Annotated[list[Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]], Field(min_length=1)],
+# tried in this order, first match wins: a long token-id prompt validates on its first try (in pydantic's default
+# "smart" mode every member was tried, 32k ids took ~4x longer to validate)
+PromptInput = Annotated[
+    Union[
+        str,
+        Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)],
+        Annotated[list[Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]], Field(min_length=1)],
+        Annotated[list[str], Field(min_length=1)],
+    ],
+    Field(union_mode="left_to_right"),
 ]
 
 
