@@ -154,6 +154,31 @@ def test_lookahead_gives_the_same_answers(engine, model_dir):
         assert usage["prompt_tokens_details"]["cached_tokens"] == len(p) + len(b[0])
         assert c == run(engine, [follow], GREEDY)[0]
 
+        # answers of one and two tokens (no step or one step ahead), and concurrent requests
+        for n in (1, 2):
+            short = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+            assert run(ahead, [p], short)[0] == run(engine, [p], short)[0]
+        prompts = [prompt(60 + 7 * i, seed=50 + i) for i in range(3)]
+        expected = [run(engine, [x], GREEDY)[0][0] for x in prompts]
+
+        async def together():
+            reqs = [GenRequest([Job(x, 0)], GREEDY, asyncio.get_running_loop()) for x in prompts]
+            for r in reqs:
+                ahead.submit(r)
+
+            async def collect(r):
+                toks = []
+                while True:
+                    ev = await asyncio.wait_for(r.events.get(), 120)
+                    if isinstance(ev, Delta):
+                        toks.append(ev.token)
+                    if isinstance(ev, Done):
+                        return toks
+
+            return await asyncio.gather(*(collect(r) for r in reqs))
+
+        assert asyncio.run(together()) == expected
+
         # a client that leaves mid-answer: the step in flight is settled and the cache freed
         async def leave():
             req = GenRequest([Job(prompt(60, seed=42), 0)], SamplingParams(max_tokens=500, temperature=0.0,
