@@ -69,6 +69,28 @@ def run(engine: Engine, prompts, params: SamplingParams, overrides=None, on_even
     return asyncio.run(go())
 
 
+def run_together(engine: Engine, prompts, params: SamplingParams) -> list[list[int]]:
+    """Submit one request per prompt at once; returns each request's tokens."""
+
+    async def go():
+        reqs = [GenRequest([Job(p, 0)], params, asyncio.get_running_loop()) for p in prompts]
+        for r in reqs:
+            engine.submit(r)
+
+        async def collect(r):
+            toks = []
+            while True:
+                ev = await asyncio.wait_for(r.events.get(), 120)
+                if isinstance(ev, Delta):
+                    toks.append(ev.token)
+                if isinstance(ev, Done):
+                    return toks
+
+        return await asyncio.gather(*(collect(r) for r in reqs))
+
+    return asyncio.run(go())
+
+
 def prompt(n: int, seed: int = 0) -> list[int]:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, 40000, (n,), generator=g).tolist()
@@ -161,23 +183,7 @@ def test_lookahead_gives_the_same_answers(engine, model_dir):
         prompts = [prompt(60 + 7 * i, seed=50 + i) for i in range(3)]
         expected = [run(engine, [x], GREEDY)[0][0] for x in prompts]
 
-        async def together():
-            reqs = [GenRequest([Job(x, 0)], GREEDY, asyncio.get_running_loop()) for x in prompts]
-            for r in reqs:
-                ahead.submit(r)
-
-            async def collect(r):
-                toks = []
-                while True:
-                    ev = await asyncio.wait_for(r.events.get(), 120)
-                    if isinstance(ev, Delta):
-                        toks.append(ev.token)
-                    if isinstance(ev, Done):
-                        return toks
-
-            return await asyncio.gather(*(collect(r) for r in reqs))
-
-        assert asyncio.run(together()) == expected
+        assert run_together(ahead, prompts, GREEDY) == expected
 
         # a client that leaves mid-answer: the step in flight is settled and the cache freed
         async def leave():
@@ -259,25 +265,7 @@ def test_concurrent_requests_unmixed(engine, cold_engine):
     prompts = [prompt(60 + 7 * i, seed=20 + i) for i in range(4)]
     expected = [run(cold_engine, [p], GREEDY)[0][0] for p in prompts]
 
-    async def go():
-        loop = asyncio.get_running_loop()
-        reqs = [GenRequest([Job(p, 0)], GREEDY, loop) for p in prompts]
-        for r in reqs:
-            engine.submit(r)
-
-        async def collect(r):
-            toks = []
-            while True:
-                ev = await asyncio.wait_for(r.events.get(), 120)
-                if isinstance(ev, Delta):
-                    toks.append(ev.token)
-                if isinstance(ev, Done):
-                    return toks
-
-        return await asyncio.gather(*(collect(r) for r in reqs))
-
-    got = asyncio.run(go())
-    assert got == expected
+    assert run_together(engine, prompts, GREEDY) == expected
 
 
 def test_queue_bound(model_dir):
