@@ -182,14 +182,12 @@ class HisaLayer(DynamicLayer):
             return
         length = max(0, length)
         bs = self.block_size
-        first_dead = math.ceil(length / bs)
+        b = length // bs  # the new last block when partial, else the first dead one
         used = math.ceil(self.length / bs)
-        self._psum[:, :, first_dead:used] = 0
-        self._pooled[:, :, first_dead:used] = 0
-        if length % bs:
-            b = length // bs
-            self._psum[:, :, b] = self._k[:, :, b * bs : length].float().sum(dim=2)
-            self._refresh_means(b, b, length)
+        self._psum[:, :, b:used] = 0
+        self._pooled[:, :, b:used] = 0
+        if length % bs:  # re-sum the partial block from its cached keys (one launch on CUDA)
+            self._add_to_pools(self._k[:, :, b * bs : length], b * bs)
         self.length = length
         self._sync_views()
 

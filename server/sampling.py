@@ -112,8 +112,8 @@ class SamplerState:
     """Per-sequence sampling state kept on the device: output-token counts (for presence / frequency
     penalties), a mask of seen tokens (repetition penalty), the logit bias and a seeded generator."""
 
-    def __init__(self, params: SamplingParams, vocab_size: int, device, prompt_ids: list[int] | None = None,
-                 generator: torch.Generator | None = None):
+    def __init__(self, params: SamplingParams, vocab_size: int, device,
+                 prompt_ids: list[int] | torch.Tensor | None = None, generator: torch.Generator | None = None):
         self.p = params
         self.vocab_size = vocab_size
         self.device = torch.device(device)
@@ -123,9 +123,9 @@ class SamplerState:
             self.counts = torch.zeros(vocab_size, dtype=torch.float32, device=self.device)
         if params.repetition_penalty != 1.0:
             self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=self.device)
-            if prompt_ids:
-                ids = torch.tensor([i for i in prompt_ids if i < vocab_size], dtype=torch.long)
-                self.seen[ids.to(self.device)] = True
+            if prompt_ids is not None and len(prompt_ids):
+                ids = torch.as_tensor(prompt_ids, dtype=torch.long)
+                self.seen[ids[ids < vocab_size].to(self.device)] = True
         self.bias = None
         if params.logit_bias:
             self.bias = torch.zeros(vocab_size, dtype=torch.float32, device=self.device)
