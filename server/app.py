@@ -250,8 +250,9 @@ def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAP
         top = [{"token": token_str(i), "logprob": lp, "bytes": list(token_str(i).encode())} for i, lp in s.top or []]
         return [{"token": t, "logprob": s.logprob, "bytes": list(t.encode()), "top_logprobs": top}]
 
-    def submit(jobs, params, overrides, request_id) -> GenRequest:
+    def submit(jobs, params, overrides, request_id, received: float) -> GenRequest:
         req = GenRequest(jobs, params, asyncio.get_running_loop(), overrides, request_id)
+        req.received = received  # the handler's start: reading, validating and tokenizing come before arrival
         engine.submit(req)
         return req
 
@@ -341,6 +342,7 @@ def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAP
     # -- chat completions --------------------------------------------------------------------------------
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
+        received = time.monotonic()
         body = await read_body(request, ChatCompletionRequest)
         require_ready()
         model_name = check_model(body.model)
@@ -363,7 +365,7 @@ def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAP
         params = sampling_params(body, max_tokens, body.logprobs, body.top_logprobs or 0)
         overrides = hisa_overrides(body)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        req = submit([Job(prompt_ids, i) for i in range(body.n)], params, overrides, rid)
+        req = submit([Job(prompt_ids, i) for i in range(body.n)], params, overrides, rid, received)
         base = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model_name,
                 "system_fingerprint": SYSTEM_FINGERPRINT}
         if body.stream:
@@ -467,6 +469,7 @@ def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAP
     # -- completions -------------------------------------------------------------------------------------
     @app.post("/v1/completions")
     async def completions(request: Request):
+        received = time.monotonic()
         body = await read_body(request, CompletionRequest)
         require_ready()
         model_name = check_model(body.model)
@@ -495,7 +498,7 @@ def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAP
         overrides = hisa_overrides(body)
         jobs = [Job(ids, pi * body.n + j) for pi, ids in enumerate(ids_list) for j in range(body.n)]
         rid = f"cmpl-{uuid.uuid4().hex}"
-        req = submit(jobs, params, overrides, rid)
+        req = submit(jobs, params, overrides, rid, received)
         base = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name,
                 "system_fingerprint": SYSTEM_FINGERPRINT}
         echo = {}

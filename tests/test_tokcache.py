@@ -1,0 +1,104 @@
+"""Follow-up tokenization (server/tokcache.py): reusing a recent text's ids gives exactly the ids of a full
+tokenization, and does reuse them."""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+
+from server.tokcache import PrefixTokenizer, common_prefix_len
+from tests.helpers import CORPUS
+
+pytestmark = pytest.mark.skipif(not CORPUS.exists(), reason="needs ../shared/corpus/moby-dick.txt")
+
+SUFFIXES = ["\n\nQuestion: who is Ahab?", " whale", "   \n  spaces", "é日本語 ünïcödé", "", "ing and more",
+            "\t\ttabs", "😀 emoji", "x" * 50, "...!?", "\n\n\n\n"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from transformers import AutoTokenizer
+
+    from hisa.models import embedded_model_dir
+
+    return AutoTokenizer.from_pretrained(str(embedded_model_dir()))
+
+
+@pytest.fixture(scope="module")
+def text():
+    return CORPUS.read_text()
+
+
+def test_common_prefix_len():
+    assert common_prefix_len("abcdef", "abcxef") == 3
+    assert common_prefix_len("abc", "abcd") == 3
+    assert common_prefix_len("", "a") == 0
+    assert common_prefix_len("same", "same") == 4
+    assert common_prefix_len("é日本x", "é日本y") == 3
+    rng = random.Random(0)
+    for _ in range(200):
+        n = rng.randrange(0, 300)
+        a = "".join(rng.choice("ab") for _ in range(n))
+        b = a[: rng.randrange(0, n + 1)] + "".join(rng.choice("abc") for _ in range(rng.randrange(0, 5)))
+        want = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        assert common_prefix_len(a, b) == want
+
+
+def test_follow_ups_equal_full_tokenization(tok, text):
+    pt = PrefixTokenizer(tok)
+    rng = random.Random(1)
+    for _ in range(25):
+        a = rng.randrange(0, len(text) - 60000)
+        doc = text[a : a + rng.randrange(12000, 60000)]
+        cut = rng.randrange(len(doc) - 3000, len(doc))  # the texts may part mid-word or mid-whitespace
+        first, second = (doc[:cut] + rng.choice(SUFFIXES) for _ in range(2))
+        for special in (True, False):
+            for t in (first, second, first):
+                assert pt.encode(t, special) == tok.encode(t, add_special_tokens=special)
+    assert pt.reused >= 40  # nearly every second text was spliced, not tokenized whole
+
+
+def test_chat_turns_equal_full_tokenization(tok, text):
+    """Chat-rendered prompts (special tokens inside the text): a document, then follow-up questions and a
+    conversation that grows."""
+    pt = PrefixTokenizer(tok)
+    doc = text[10000:70000]
+    history = [{"role": "system", "content": "Answer from the document."}]
+    for q in ("Who is Ahab?", "What is the Pequod?", "Where does it sail?"):
+        msgs = history + [{"role": "user", "content": f"{doc}\n\n{q}"}]
+        rendered = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        assert pt.encode(rendered, False) == tok.encode(rendered, add_special_tokens=False)
+    convo = [{"role": "user", "content": doc}]
+    for turn in range(3):
+        convo += [{"role": "assistant", "content": f"answer {turn} " * 20}, {"role": "user", "content": f"and {turn}?"}]
+        rendered = tok.apply_chat_template(convo, tokenize=False, add_generation_prompt=True)
+        assert pt.encode(rendered, False) == tok.encode(rendered, add_special_tokens=False)
+    assert pt.reused >= 4
+
+
+def test_short_texts_and_early_differences_tokenize_whole(tok, text):
+    pt = PrefixTokenizer(tok)
+    short = text[:2000]
+    assert pt.encode(short) == tok.encode(short) and pt.reused == 0
+    a, b = text[:30000], "X" + text[1:30000]  # they differ at the first character
+    for t in (a, b):
+        assert pt.encode(t) == tok.encode(t)
+    assert pt.reused == 0
+    same = pt.encode(a)  # the same text again: the cached ids
+    assert same == tok.encode(a)
+
+
+def test_tokenizer_that_appends_special_tokens(tok, text):
+    """A post-processor adding an end token: splicing would drop it, so such texts are tokenized whole."""
+    from tokenizers.processors import TemplateProcessing
+
+    t2 = copy.deepcopy(tok)
+    eos = t2.eos_token
+    t2.backend_tokenizer.post_processor = TemplateProcessing(single=f"$A {eos}", special_tokens=[(eos, t2.eos_token_id)])
+    pt = PrefixTokenizer(t2)
+    doc = text[5000:40000]
+    for q in (" first?", " second?"):
+        assert pt.encode(doc + q, True) == t2.encode(doc + q, add_special_tokens=True)
+        assert pt.encode(doc + q, True)[-1] == t2.eos_token_id
