@@ -126,6 +126,43 @@ def stream_raw(http, prompt: list[int], max_tokens: int) -> dict:
             "usage": usage}
 
 
+def chat_raw(http, text: str, max_tokens: int) -> dict:
+    """A streamed chat request whose user message is ``text`` (a document and a question) with the plain
+    HTTP client: time to the first content delta (the server tokenizes the text: a follow-up on the same
+    document re-tokenizes only its end)."""
+    body = {"model": "bench", "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens,
+            "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
+    data = json.dumps(body)
+    t0 = time.perf_counter()
+    first, usage = None, None
+    with http.stream("POST", "/v1/chat/completions", content=data,
+                     headers={"Content-Type": "application/json"}) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if first is None and event.get("choices") and event["choices"][0].get("delta", {}).get("content"):
+                first = time.perf_counter() - t0
+            if event.get("usage"):
+                usage = event["usage"]
+    if first is None:
+        raise RuntimeError("no content streamed")
+    return {"ttft_s": first, "usage": usage}
+
+
+def document_text(corpus: str, tokenizer_dir: Path, n_tokens: int, offset: int) -> str:
+    """About ``n_tokens`` tokens of ``corpus`` (repeated as needed) starting ``offset`` characters in."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    text = corpus[offset:] + "\n\n" + corpus
+    while len(text) < 6 * n_tokens:
+        text += "\n\n" + corpus
+    ids = tok.encode(text[: 6 * n_tokens], add_special_tokens=False)[:n_tokens]
+    return tok.decode(ids)
+
+
 def stream_once(client, prompt: list[int], max_tokens: int) -> dict:
     t0 = time.perf_counter()
     stamps = []
@@ -164,7 +201,7 @@ def gpu_memory(server) -> dict:
 
 
 def run_mode(name: str, server: Server, contexts: list[int], vocab: int, max_tokens: int, followup_len: int,
-             think: float = 0.0) -> list:
+             think: float = 0.0, docs: dict | None = None) -> list:
     from openai import OpenAI
 
     import httpx
@@ -203,6 +240,18 @@ def run_mode(name: str, server: Server, contexts: list[int], vocab: int, max_tok
             row["followup_ratio"] = follow["ttft_s"] / first["ttft_s"]
             row["followup_cached_tokens"] = ((follow["usage"] or {}).get("prompt_tokens_details") or {}).get(
                 "cached_tokens")
+        if docs and n in docs:  # a user's way: chat with the document's text, then a follow-up question
+            chat_first = chat_raw(http, docs[n] + "\n\nQuestion: who is the captain of the ship?", 8)
+            time.sleep(think)
+            chat_follow = chat_raw(http, docs[n] + "\n\nQuestion: what is the name of the ship?", 8)
+            row.update(chat_ttft_s=chat_first["ttft_s"], chat_followup_ttft_s=chat_follow["ttft_s"],
+                       chat_followup_ratio=chat_follow["ttft_s"] / chat_first["ttft_s"],
+                       chat_prompt_tokens=(chat_first["usage"] or {}).get("prompt_tokens"),
+                       chat_followup_cached=((chat_follow["usage"] or {}).get("prompt_tokens_details") or {}).get(
+                           "cached_tokens"))
+            print(f"{name:6s} {n:>7d}  chat (text) TTFT {row['chat_ttft_s']:.3f} s, follow-up "
+                  f"{row['chat_followup_ttft_s']:.3f} s ({row['chat_followup_ratio']:.3f}x), "
+                  f"cached {row['chat_followup_cached']} of {row['chat_prompt_tokens']}", flush=True)
         rows.append(row)
         print(f"{name:6s} {n:>7d}  SDK TTFT {first['ttft_s']:.3f} s  ITL {first['itl_ms']:.2f} ms"
               + f"  raw TTFT {row['raw_ttft_s']:.3f} s"
@@ -230,6 +279,8 @@ def main() -> None:
                     help="ask a follow-up question for contexts up to this length")
     ap.add_argument("--think-time", type=float, default=1.0,
                     help="seconds between an answer and its follow-up question (a user reading; default 1)")
+    ap.add_argument("--text", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "corpus" / "moby-dick.txt",
+                    help="public-domain text for the chat follow-up measurement (skipped when missing)")
     ap.add_argument("--modes", default="hisa,dense")
     ap.add_argument("--server-args", default="", help="extra hisa-serve flags for both modes")
     ap.add_argument("--json", type=Path)
@@ -245,13 +296,18 @@ def main() -> None:
                     args.intermediate, max(max_len, 8192), args.dtype)
         vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
         results = {"card": _card(), "contexts": contexts, "rows": []}
+        docs = {}
+        if args.text and args.text.is_file():
+            corpus = args.text.read_text()
+            docs = {n: document_text(corpus, Path(args.tokenizer), n - 64, 1000 * i)
+                    for i, n in enumerate(contexts) if n <= args.followup_up_to}
         for mode in args.modes.split(","):
             extra = args.server_args.split() + (["--no-hisa"] if mode == "dense" else [])
             server = Server(model_dir, extra, max_len, args.logs / f"serve-{mode}.log")
             try:
                 server.wait()
                 results["rows"] += run_mode(mode, server, contexts, vocab, args.max_tokens, args.followup_up_to,
-                                            args.think_time)
+                                            args.think_time, docs)
             finally:
                 server.stop()
         _table(results)
@@ -276,8 +332,8 @@ def _table(results: dict) -> None:
     dense = {r["context"]: r for r in rows if r["mode"] == "dense"}
     print(f"\ncard: {results['card']}")
     print("| context | mode | SDK TTFT s | TTFT vs dense | ITL ms | ITL vs dense | SDK follow-up TTFT (x first) | "
-          "raw TTFT s / follow-up s (x) | peak GPU GiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "raw TTFT s / follow-up s (x) | chat text TTFT s / follow-up s (x) | raw ITL ms | peak GPU GiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         d = dense.get(r["context"])
         tr = f"{r['ttft_s'] / d['ttft_s']:.2f}" if d else "-"
@@ -286,8 +342,10 @@ def _table(results: dict) -> None:
         pk = f"{r['gpu_peak_gib']:.1f}" if r.get("gpu_peak_gib") else "-"
         raw = f"{r['raw_ttft_s']:.3f}" + (f" / {r['raw_followup_ttft_s']:.3f} ({r['raw_followup_ratio']:.3f})"
                                            if "raw_followup_ttft_s" in r else "")
+        chat = (f"{r['chat_ttft_s']:.3f} / {r['chat_followup_ttft_s']:.3f} ({r['chat_followup_ratio']:.3f})"
+                if "chat_ttft_s" in r else "-")
         print(f"| {r['context']} | {r['mode']} | {r['ttft_s']:.3f} | {tr} | {r['itl_ms']:.2f} | {ir} | {fu} | {raw} | "
-              f"{pk} |")
+              f"{chat} | {r['raw_itl_ms']:.2f} | {pk} |")
 
 
 if __name__ == "__main__":
