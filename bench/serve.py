@@ -71,7 +71,10 @@ class Server:
         cmd = [sys.executable, "-m", "server.cli", "--model", str(model_dir), "--host", "127.0.0.1",
                "--port", str(self.port), "--max-model-len", str(max_len), "--served-model-name", "bench", *extra]
         self.log = open(log, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        # the server tokenizes long texts in parallel pieces: keep the tokenizer's threads on in it (the client
+        # side may have turned them off for itself)
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "true"}
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         self.url = f"http://127.0.0.1:{self.port}"
 
     def wait(self, timeout: float = 600) -> None:

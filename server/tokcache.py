@@ -12,10 +12,15 @@ and the restarted ids agree, and they must keep agreeing on every token up to ``
 difference (hundreds of tokens): a restarted tokenization that was not in step would not reproduce that many
 tokens. When no such point exists (short texts, no shared prefix, a tokenizer without offsets) the whole
 text is tokenized.
+
+A first long text is tokenized the same way in parallel: cut into overlapping pieces tokenized in one batch
+(the Rust tokenizer spreads a batch over its threads; a single text uses one), joined at checked points. On
+the H200 machine's CPU a 32k-token document took 137 ms to tokenize as one text.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -48,8 +53,10 @@ class PrefixTokenizer:
     """``encode(text, add_special_tokens)`` with reuse of recent long texts' ids (module docstring)."""
 
     def __init__(self, tokenizer, *, entries: int = 8, min_chars: int = 8192, overlap: int = 4096,
-                 guard: int = 512):
+                 guard: int = 512, piece_chars: int = 32768, workers: int | None = None):
         self.tokenizer = tokenizer
+        self.piece_chars = piece_chars
+        self.workers = workers if workers is not None else min(16, os.cpu_count() or 1)
         self.entries = entries
         self.min_chars = min_chars
         self.overlap = overlap
@@ -59,6 +66,7 @@ class PrefixTokenizer:
         self._next = 0
         self._lock = threading.Lock()
         self.reused = 0  # texts tokenized from a cached prefix (for tests and logs)
+        self.split = 0  # texts tokenized as parallel pieces
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if not self.enabled or len(text) < self.min_chars:
@@ -98,8 +106,51 @@ class PrefixTokenizer:
             self._cache.popitem(last=False)
 
     def _full(self, text: str, special: bool):
+        if self.workers > 1 and len(text) >= 2 * self.piece_chars:
+            got = self._parallel(text, special)
+            if got is not None:
+                return got
         enc = self.tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
         return _ids_and_starts(enc, self.tokenizer, 0)
+
+    def _parallel(self, text: str, special: bool):
+        """A long text tokenized as overlapping pieces in one batch (the tokenizer's threads work on them in
+        parallel), stitched at checked synchronisation points; None when a piece does not fall in step."""
+        added = self._added_specials(special)
+        if added is None:
+            return None
+        n = len(text)
+        k = min(self.workers, n // self.piece_chars)
+        cuts = [n * i // k for i in range(k + 1)]
+        spans = [(max(0, cuts[i] - self.overlap), min(n, cuts[i + 1] + 2 * self.guard)) for i in range(k)]
+        enc = self.tokenizer([text[a:b] for a, b in spans], add_special_tokens=False, return_offsets_mapping=True)
+        ids, starts = _ids_and_starts({"input_ids": enc["input_ids"][0], "offset_mapping": enc["offset_mapping"][0]},
+                                      self.tokenizer, spans[0][0])
+        for i in range(1, k):
+            p_ids, p_abs = _ids_and_starts({"input_ids": enc["input_ids"][i],
+                                            "offset_mapping": enc["offset_mapping"][i]}, self.tokenizer, spans[i][0])
+            cut = _sync(ids, starts, p_ids, p_abs, spans[i][0], spans[i - 1][1] - self.guard)
+            if cut is None:
+                return None
+            ie, ip = cut
+            ids, starts = np.concatenate((ids[:ie], p_ids[ip:])), np.concatenate((starts[:ie], p_abs[ip:]))
+        if len(added):
+            ids = np.concatenate((np.asarray(added, dtype=np.int64), ids))
+            starts = np.concatenate((np.full(len(added), -1, dtype=np.int64), starts))
+        self.split += 1
+        return ids, starts
+
+    def _added_specials(self, special: bool):
+        """The ids the tokenizer puts before a text (a BOS) with ``special``; None when it also appends some
+        (then pieces cannot simply be joined)."""
+        if not special:
+            return []
+        with_sp = list(self.tokenizer("a b", add_special_tokens=True)["input_ids"])
+        plain = list(self.tokenizer("a b", add_special_tokens=False)["input_ids"])
+        m = len(with_sp) - len(plain)
+        if m < 0 or with_sp[m:] != plain:
+            return None
+        return with_sp[:m]
 
     def _splice(self, entry: _Entry, text: str, shared: int):
         """ids of ``text`` from ``entry``'s ids before a synchronisation point and a restarted tokenization
@@ -115,20 +166,29 @@ class PrefixTokenizer:
         s = int(e_starts[i0])
         enc = self.tokenizer(text[s:], add_special_tokens=False, return_offsets_mapping=True)
         r_ids, r_abs = _ids_and_starts(enc, self.tokenizer, s)
-        check_end = shared - self.guard  # tokens starting before this must agree from the cut on
-        e_hi = int(np.searchsorted(e_starts, check_end, side="left"))  # old tokens [cut, e_hi) are compared
-        common = np.intersect1d(e_starts[i0 + 1 : e_hi], r_abs[1:])
-        for b in common[:8]:  # the earliest candidates (they fall in step within a word or two)
-            ie = int(np.searchsorted(e_starts, b, side="left"))
-            ir = int(np.searchsorted(r_abs, b, side="left"))
-            n = e_hi - ie
-            if n < 32 or ir + n > len(r_ids):
-                return None
-            if (np.array_equal(entry.ids[ie:e_hi], r_ids[ir : ir + n])
-                    and np.array_equal(e_starts[ie:e_hi], r_abs[ir : ir + n])):
-                return (np.concatenate((entry.ids[:ie], r_ids[ir:])),
-                        np.concatenate((e_starts[:ie], r_abs[ir:])))
-        return None
+        cut = _sync(entry.ids, e_starts, r_ids, r_abs, s, shared - self.guard)
+        if cut is None:
+            return None
+        ie, ir = cut
+        return np.concatenate((entry.ids[:ie], r_ids[ir:])), np.concatenate((e_starts[:ie], r_abs[ir:]))
+
+
+def _sync(a_ids, a_starts, b_ids, b_starts, lo: int, check_end: int):
+    """(i, j): the earliest token start x > lo shared by tokenization a (right up to ``check_end``) and b (a
+    restart at ``lo``, right once in step) such that every token of a starting in [x, check_end) is b's
+    token at the same place (at least 32 of them); a[:i] + b[j:] is then the whole-text tokenization."""
+    a_hi = int(np.searchsorted(a_starts, check_end, side="left"))
+    a_lo = int(np.searchsorted(a_starts, lo, side="right"))
+    common = np.intersect1d(a_starts[a_lo:a_hi], b_starts[1:])
+    for x in common[:8]:  # the earliest candidates (a restart falls in step within a word or two)
+        i = int(np.searchsorted(a_starts, x, side="left"))
+        j = int(np.searchsorted(b_starts, x, side="left"))
+        n = a_hi - i
+        if n < 32 or j + n > len(b_ids):
+            return None
+        if np.array_equal(a_ids[i:a_hi], b_ids[j : j + n]) and np.array_equal(a_starts[i:a_hi], b_starts[j : j + n]):
+            return i, j
+    return None
 
 
 def _ids_and_starts(enc, tokenizer, base: int) -> tuple[np.ndarray, np.ndarray]:

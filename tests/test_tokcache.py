@@ -102,3 +102,20 @@ def test_tokenizer_that_appends_special_tokens(tok, text):
     for q in (" first?", " second?"):
         assert pt.encode(doc + q, True) == t2.encode(doc + q, add_special_tokens=True)
         assert pt.encode(doc + q, True)[-1] == t2.eos_token_id
+
+
+def test_long_text_in_parallel_pieces_equals_whole(tok, text):
+    """First-time tokenization of a long text as overlapping pieces (one batch), joined at checked points:
+    prose, unicode, long runs of whitespace and of letters across the piece boundaries."""
+    pt = PrefixTokenizer(tok, piece_chars=4096, workers=8)
+    rng = random.Random(2)
+    odd = ["\n" * 700, " " * 3000, "a" * 5000, "日本語" * 800, "\t \n" * 500, "1234567890" * 300]
+    for trial in range(12):
+        a = rng.randrange(0, len(text) - 50000)
+        t = text[a : a + rng.randrange(9000, 40000)]
+        if trial % 2:
+            pos = rng.randrange(0, len(t))
+            t = t[:pos] + rng.choice(odd) + t[pos:]
+        for special in (True, False):
+            assert pt.encode(t, special) == tok.encode(t, add_special_tokens=special), (trial, special)
+    assert pt.split >= 12
