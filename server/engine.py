@@ -47,6 +47,10 @@ GROWTH_RESERVE = 2048
 CPU_MIN_CONTEXT = 1 << 30
 
 
+# cache room past a sequence's reserve: the follow-up step recorded while idle (``_prepare_followup``) starts
+# at the cache's length after the answer (plus the lookahead's token); without it a short answer could leave
+# too little room to record it ahead of time, and the follow-up would record it while the client waits
+FOLLOWUP_ROOM = hisa.graph.CHUNK + 1
 GRAPH_CHUNK_MAX = 64  # prompt tokens after a cached prefix that run as recorded CUDA-graph steps
 GRAPH_HOLDERS = 8  # finished requests' caches (prefix cache) that keep their recorded graphs
 
@@ -681,7 +685,7 @@ class Engine:
             cache.crop_to(keep)
             seq.pos = seq.cached = keep
         else:
-            cache = hisa.new_cache(self.model, max_cache_len=seq.reserve)
+            cache = hisa.new_cache(self.model, max_cache_len=seq.reserve + FOLLOWUP_ROOM)
         seq.cache = cache
         if req.generator is None and not req.params.greedy:
             req.generator = torch.Generator(device=self.device)

@@ -488,3 +488,17 @@ def test_engine_loop_survives_an_internal_error(model_dir, monkeypatch):
         assert not engine._active
     finally:
         engine.shutdown()
+
+
+def test_cache_keeps_room_for_the_follow_up_step(engine):
+    """A short answer leaves room in its cache for the follow-up chunk step that the engine records while
+    idle (positions from the cache's length on), so a follow-up question replays it instead of recording."""
+    from hisa.graph import CHUNK
+
+    for n, max_tokens in ((300, 3), (317, 1), (250, 8)):
+        p = prompt(n, seed=n)
+        run(engine, [p], SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+        entry = next(e for e in engine.prefix_cache._entries.values() if e.tokens[:n].tolist() == p)
+        held = entry.cache.get_seq_length()
+        assert held >= n
+        assert all(layer.capacity >= held + CHUNK for layer in entry.cache.layers), (n, held)
