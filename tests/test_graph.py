@@ -248,6 +248,51 @@ def test_decode_static_kernel_matches_reference(sparse, variant, G, D, monkeypat
 
 @gpu
 @needs_gpu
+@pytest.mark.parametrize("chunk_kernel", [True, False])
+@pytest.mark.parametrize("G,D", [(1, 64), (4, 64), (7, 96), (8, 128)])
+def test_decode_static_chunk_matches_sdpa(G, D, chunk_kernel, monkeypatch):
+    """A chunk step's dense attention (a few queries after cached keys, positions in device memory) equals
+    causal SDPA, with all query rows of a unit in one program (the chunk kernel) or one row per query; also
+    replayed from one recording at several lengths."""
+    from hisa.kernels import decode
+
+    monkeypatch.setattr(decode, "CHUNK_KERNEL", chunk_kernel)
+    torch.manual_seed(G * 10 + D)
+    cfg = HisaConfig(block_size=64, top_blocks=16, top_k=512)
+    B, Hkv, cap = 2 if G == 7 else 1, 2, 6000
+    dev, dt = "cuda", torch.bfloat16
+    k = torch.randn(B, Hkv, cap, D, device=dev, dtype=dt)
+    v = torch.randn_like(k)
+    pooled = torch.zeros(B, Hkv, math.ceil(cap / 64), D, device=dev)
+
+    def ref(q, n, lq):
+        kk = k[:, :, :n].float().repeat_interleave(G, 1)
+        vv = v[:, :, :n].float().repeat_interleave(G, 1)
+        mask = torch.arange(n, device=dev)[None, :] <= (n - lq + torch.arange(lq, device=dev))[:, None]
+        return torch.nn.functional.scaled_dot_product_attention(q.float(), kk, vv, attn_mask=mask)
+
+    for lq in (2, 5, 16):
+        for n in (lq + 1, 1000, 4097, cap):
+            q = torch.randn(B, Hkv * G, lq, D, device=dev, dtype=dt)
+            length = torch.tensor([n, n - lq], dtype=torch.int32, device=dev)
+            out = kernels.decode_static(q, k, v, pooled, length, cfg, sparse=False)
+            err = ((out.float() - ref(q, n, lq)).norm() / ref(q, n, lq).norm()).item()
+            assert err < 2e-2, (lq, n, err)
+    q = torch.randn(B, Hkv * G, 16, D, device=dev, dtype=dt)
+    length = torch.tensor([100, 84], dtype=torch.int32, device=dev)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = kernels.decode_static(q, k, v, pooled, length, cfg, sparse=False)
+    for n in (100, 3000, cap):
+        q.normal_()
+        length.copy_(torch.tensor([n, n - 16]))
+        graph.replay()
+        err = ((out.float() - ref(q, n, 16)).norm() / ref(q, n, 16).norm()).item()
+        assert err < 2e-2, (n, err)
+
+
+@gpu
+@needs_gpu
 @pytest.mark.parametrize("sparse", [True, False])
 def test_decode_static_replayed_in_a_graph(sparse):
     """One recording replayed at many lengths: the arrival counters of the last-program selections and

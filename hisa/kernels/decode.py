@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from . import select
-from .exact import _arrive, _attend, _load_selector, _token_scores, counters
+from .exact import _LOG2E, _arrive, _attend, _load_selector, _split_plan, _token_scores, counters
 from .select import _select_core
 
 FUSED_STATIC = True  # the three-launch sparse decode; False: the previous six-launch path
@@ -43,6 +43,10 @@ COMBINE_LAST_SPARSE = False
 # the selections' search (select.py): in these one-program-per-row selections radix measured ~1-2 us faster
 # than the value-range search (H200, 128k: 38.5 vs 39.3 us per layer at head dim 64, 45.2 vs 46.6 at 128)
 SELECT_METHOD = select.RADIX
+# a chunk step's dense attention (a follow-up question's 16 queries) with all query rows of a unit in one
+# program (_chunk_attn); False: one row per query (each re-reads every K/V row: H200, 32k keys, 242 us a layer)
+CHUNK_KERNEL = True
+CHUNK_BLOCK_T = 64
 STATIC_SLICE = 512  # blocks per program in the first level of the wide-row path's stage 1
 
 
@@ -152,6 +156,122 @@ def _stage1_slice(
 # warps of the fused stage-1 / stage-2 programs (the selection in the last program dominates; measured on an
 # H200 at 128k, one layer in a CUDA graph: stage 1 with 8 warps, stage 2 with 16: 37.9 / 42.9 us at head dim
 # 64 / 128, against 38.8 / 47.1 with 4 / 8; fewer warps were up to 3x slower)
+@triton.jit(do_not_specialize=["chunk"])
+def _chunk_attn(
+    Q, K, V, PO, PM, PL, LENP, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
+    NSEL, Lq, SG, G, D, chunk, qk_scale, NSPLIT,
+    SGP: tl.constexpr, LQP: tl.constexpr, DP: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """Dense causal attention of a few queries (positions LENP[1] + i, i < Lq) over every key up to them,
+    split-K: one program per (batch x unit, split) holds all Lq x SG query rows of the unit, so each K/V tile
+    it loads serves all of them (a [Lq*SG, D] x [D, BLOCK_T] product) instead of being re-read per query."""
+    bu = tl.program_id(0)
+    split = tl.program_id(1)
+    b = (bu // NSEL).to(tl.int64)
+    u = bu % NSEL
+    kv = (u * SG) // G
+    M: tl.constexpr = LQP * SGP
+    r = tl.arange(0, M)
+    i = r // SGP
+    g = r % SGP
+    ok = (i < Lq) & (g < SG)
+    h = (u * SG + g).to(tl.int64)
+    d = tl.arange(0, DP)
+    dmask = d[None, :] < D
+    q = tl.load(Q + b * sqb + h[:, None] * sqh + i[:, None].to(tl.int64) * sqt + d[None, :],
+                mask=ok[:, None] & dmask, other=0.0)
+    p0 = tl.load(LENP + 1)
+    qpos = p0 + i
+    n_keys = p0 + Lq
+    m_i = tl.full([M], -1.0e30, tl.float32)
+    l_i = tl.zeros([M], tl.float32)
+    acc = tl.zeros([M, DP], tl.float32)
+    start = split * chunk
+    hi = tl.minimum(chunk, n_keys - start)
+    kbase = K + b * skb + kv * skh
+    vbase = V + b * svb + kv * svh
+    for t0 in range(0, hi, BLOCK_T):
+        t = start + t0 + tl.arange(0, BLOCK_T)
+        tok_ok = t < start + hi
+        toff = t.to(tl.int64)
+        kk = tl.load(kbase + toff[:, None] * skt + d[None, :], mask=tok_ok[:, None] & dmask, other=0.0)
+        s = tl.dot(q, tl.trans(kk)) * qk_scale
+        s = tl.where(tok_ok[None, :] & (t[None, :] <= qpos[:, None]), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        vv = tl.load(vbase + toff[:, None] * svt + d[None, :], mask=tok_ok[:, None] & dmask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv)
+        m_i = m_new
+    base = (bu.to(tl.int64) * NSPLIT + split) * M
+    tl.store(PM + base + r, m_i)
+    tl.store(PL + base + r, l_i)
+    tl.store(PO + (base + r[:, None]) * DP + d[None, :], acc)
+
+
+@triton.jit
+def _chunk_combine(
+    O, PO, PM, PL, sob, soh, sot, NSEL, Lq, SG, D, NSPLIT,
+    SGP: tl.constexpr, LQP: tl.constexpr, DP: tl.constexpr, SPLITP: tl.constexpr,
+):
+    """Merge the split-K partials of one query row (query i, head g of the unit): program (batch x unit, row)."""
+    bu = tl.program_id(0)
+    r = tl.program_id(1)
+    i = r // SGP
+    g = r % SGP
+    if (i < Lq) & (g < SG):
+        M: tl.constexpr = LQP * SGP
+        b = (bu // NSEL).to(tl.int64)
+        u = bu % NSEL
+        sp = tl.arange(0, SPLITP)
+        d = tl.arange(0, DP)
+        smask = sp < NSPLIT
+        idx = (bu.to(tl.int64) * NSPLIT + sp) * M + r
+        m = tl.load(PM + idx, mask=smask, other=-1.0e30)
+        l = tl.load(PL + idx, mask=smask, other=0.0)
+        m_max = tl.max(m, 0)
+        w = tl.math.exp2(m - m_max)
+        l_tot = tl.sum(w * l, 0)
+        o = tl.load(PO + idx[:, None] * DP + d[None, :], mask=smask[:, None], other=0.0)
+        out = tl.sum(w[:, None] * o, 0) / tl.where(l_tot > 0, l_tot, 1.0)
+        h = (u * SG + g).to(tl.int64)
+        tl.store(O + b * sob + h * soh + i.to(tl.int64) * sot + d, out.to(O.dtype.element_ty), mask=d < D)
+
+
+def _chunk_rows(Lq: int, SG: int) -> int:
+    """Rows of a ``_chunk_attn`` program: Lq x SG padded to powers of two, at least 16 (for tl.dot)."""
+    SGP = triton.next_power_of_2(SG)
+    return max(triton.next_power_of_2(Lq), triton.cdiv(16, SGP)) * SGP
+
+
+def _attend_chunk(q, k, v, out, *, scale, length, SG, G, NSEL, DP):
+    """Dense causal attention of the Lq > 1 queries at positions length[1] + i over the keys up to them,
+    every query row of a unit in one program (``_chunk_attn``), then the combine."""
+    B, Hq, Lq, D = q.shape
+    cap = k.shape[2]
+    R = B * NSEL
+    SGP = triton.next_power_of_2(SG)
+    M = _chunk_rows(Lq, SG)
+    LQP = M // SGP
+    nsplit, chunk = _split_plan(R, cap, q.device, CHUNK_BLOCK_T)
+    part = torch.empty(R * nsplit * M * (DP + 2), dtype=torch.float32, device=q.device)
+    po = part[: R * nsplit * M * DP]
+    pm = part[R * nsplit * M * DP : R * nsplit * M * (DP + 1)]
+    pl = part[R * nsplit * M * (DP + 1) :]
+    _chunk_attn[(R, nsplit)](
+        q, k, v, po, pm, pl, length, q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        NSEL, Lq, SG, G, D, chunk, scale * _LOG2E, nsplit,
+        SGP=SGP, LQP=LQP, DP=DP, BLOCK_T=CHUNK_BLOCK_T, num_warps=4,
+    )
+    _chunk_combine[(R, M)](
+        out, po, pm, pl, out.stride(0), out.stride(1), out.stride(2), NSEL, Lq, SG, D, nsplit,
+        SGP=SGP, LQP=LQP, DP=DP, SPLITP=max(2, triton.next_power_of_2(nsplit)), num_warps=1,
+    )
+    return out
+
+
 def _warps(width: int) -> int:
     return 8 if width <= 2048 else 16
 
@@ -179,6 +299,8 @@ def hisa_decode_static(q, k, v, pooled, length, config, *, scale, sparse, out):
     MP = max(16, SGP)
     common = dict(SG=SG, G=G, NSEL=NSEL, MP=MP, DP=DP)
     if not sparse:
+        if Lq > 1 and CHUNK_KERNEL and _chunk_rows(Lq, SG) <= 128:
+            return _attend_chunk(q, k, v, out, scale=scale, length=length, SG=SG, G=G, NSEL=NSEL, DP=DP)
         return _attend(q, k, v, None, out, n_idx=cap, scale=scale, length=length, combine_last=COMBINE_LAST,
                        **common)
     common["combine_last"] = COMBINE_LAST_SPARSE
