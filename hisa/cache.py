@@ -16,24 +16,31 @@ from transformers.cache_utils import Cache, DynamicLayer
 from .config import HisaConfig
 
 _MIN_CAPACITY = 256
+APPEND_KERNEL_MIN = 64  # new tokens from which an eager append on CUDA is one Triton launch
 _POOL_KERNEL = []
 
 
-def _pool_kernel():
-    """hisa.kernels.pool.update_pooled when the Triton kernels are available, else None."""
+def _pool_kernels():
+    """hisa.kernels.pool when the Triton kernels are available, else None."""
     if not _POOL_KERNEL:
         try:
             from . import kernels  # noqa: PLC0415
 
             if kernels.AVAILABLE:
-                from .kernels.pool import update_pooled  # noqa: PLC0415
+                from .kernels import pool  # noqa: PLC0415
 
-                _POOL_KERNEL.append(update_pooled)
+                _POOL_KERNEL.append(pool)
             else:
                 _POOL_KERNEL.append(None)
         except ImportError:
             _POOL_KERNEL.append(None)
     return _POOL_KERNEL[0]
+
+
+def _pool_kernel():
+    """hisa.kernels.pool.update_pooled when the Triton kernels are available, else None."""
+    pool = _pool_kernels()
+    return pool.update_pooled if pool is not None else None
 
 
 class HisaLayer(DynamicLayer):
@@ -134,9 +141,16 @@ class HisaLayer(DynamicLayer):
             return self.keys, self.values
         if n + t > self.capacity:
             self._allocate(self._k, self._v, max(n + t, int(self.capacity * self.growth)))
-        self._k[:, :, n : n + t] = key_states
-        self._v[:, :, n : n + t] = value_states
-        self._add_to_pools(key_states, n)
+        pool = _pool_kernels() if key_states.is_cuda and t >= APPEND_KERNEL_MIN else None
+        if pool is not None and key_states.dtype == self._k.dtype and value_states.dtype == self._v.dtype:
+            # one launch: K/V rows into the buffers and the touched blocks' sums (a long prefill chunk: two
+            # strided copies and a pooling pass cost ~3x the bytes' time)
+            pool.append_rows(self._k, self._v, self._psum, self._pooled, key_states, value_states, n,
+                             self.block_size)
+        else:
+            self._k[:, :, n : n + t] = key_states
+            self._v[:, :, n : n + t] = value_states
+            self._add_to_pools(key_states, n)
         self.length = n + t
         self._sync_views()
         return self.keys, self.values
@@ -184,10 +198,14 @@ class HisaLayer(DynamicLayer):
         bs = self.block_size
         b = length // bs  # the new last block when partial, else the first dead one
         used = math.ceil(self.length / bs)
-        self._psum[:, :, b:used] = 0
-        self._pooled[:, :, b:used] = 0
-        if length % bs:  # re-sum the partial block from its cached keys (one launch on CUDA)
-            self._add_to_pools(self._k[:, :, b * bs : length], b * bs)
+        pool = _pool_kernels() if self._k.is_cuda else None
+        if pool is not None:  # one launch: the partial block re-summed, the dead ones zeroed
+            pool.crop_pooled(self._psum, self._pooled, self._k, length, b, used, bs)
+        else:
+            self._psum[:, :, b:used] = 0
+            self._pooled[:, :, b:used] = 0
+            if length % bs:  # re-sum the partial block from its cached keys
+                self._add_to_pools(self._k[:, :, b * bs : length], b * bs)
         self.length = length
         self._sync_views()
 

@@ -285,6 +285,31 @@ def test_pool_update_matches_cache(monkeypatch):
 
 @gpu
 @needs_gpu
+def test_crop_kernel_matches_cache(monkeypatch):
+    """Cutting a CUDA cache (one launch re-sums the new last block and zeroes the dead ones) leaves the same
+    sums and means as the PyTorch path, and appending after the cut stays right."""
+    from hisa import cache as cache_mod
+    from hisa.cache import HisaLayer
+
+    fast = HisaLayer(64, max_cache_len=2000)
+    slow = HisaLayer(64, max_cache_len=2000)
+    torch.manual_seed(3)
+    for t, cut in ((900, 700), (50, 640), (300, 1), (10, 5), (200, 133)):
+        new = torch.randn(2, 3, t, 64, device="cuda", dtype=torch.bfloat16)
+        for layer, kernel in ((fast, True), (slow, False)):
+            if not kernel:
+                monkeypatch.setattr(cache_mod, "_POOL_KERNEL", [None])
+            layer.update(new, new)
+            layer.crop_to(cut)
+            monkeypatch.undo()
+        torch.testing.assert_close(fast._psum, slow._psum, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(fast._pooled, slow._pooled, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fast.pooled_keys, pool_keys(fast.keys, 64), rtol=1e-4, atol=1e-4)
+        assert fast.get_seq_length() == cut
+
+
+@gpu
+@needs_gpu
 def test_model_end_to_end_matches_reference(monkeypatch):
     import transformers
 

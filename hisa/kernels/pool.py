@@ -54,12 +54,50 @@ def update_pooled(psum: torch.Tensor, pooled: torch.Tensor, keys: torch.Tensor, 
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["length", "b0"])
+def _crop_pooled(
+    PS, PM, KEYS, sps_bh, sps_n, spm_bh, spm_n, sk_b, sk_h, sk_t, H, length, bs, b0, D,
+    BSP: tl.constexpr, DP: tl.constexpr,
+):
+    """Program (b*h, i): block b0 + i after the cache was cut to ``length`` tokens: its sum and mean from the
+    keys it still holds (zero when it holds none)."""
+    bh = tl.program_id(0)
+    n = b0 + tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    j = tl.arange(0, BSP)
+    d = tl.arange(0, DP)
+    tok = n * bs + j
+    live = (j < bs) & (tok < length)
+    kk = tl.load(KEYS + b * sk_b + h * sk_h + tok[:, None].to(tl.int64) * sk_t + d[None, :],
+                 mask=live[:, None] & (d[None, :] < D), other=0.0).to(tl.float32)
+    s = tl.sum(kk, 0)
+    count = tl.maximum(tl.minimum(length - n * bs, bs), 1).to(tl.float32)
+    tl.store(PS + bh.to(tl.int64) * sps_bh + n * sps_n + d, s, mask=d < D)
+    tl.store(PM + bh.to(tl.int64) * spm_bh + n * spm_n + d, s / count, mask=d < D)
+
+
+def crop_pooled(psum: torch.Tensor, pooled: torch.Tensor, keys: torch.Tensor, length: int, b0: int, b1: int,
+                block_size: int) -> None:
+    """After cutting a cache to ``length`` tokens: blocks b0 .. b1 - 1 of psum/pooled [B, H, NBcap, D] get the
+    sum and mean of the keys ([B, H, cap, D]) they still hold, zero when none, in one launch."""
+    B, H, _, D = keys.shape
+    if b1 <= b0:
+        return
+    assert psum.stride(0) == H * psum.stride(1) and pooled.stride(0) == H * pooled.stride(1)
+    _crop_pooled[(B * H, b1 - b0)](
+        psum, pooled, keys, psum.stride(1), psum.stride(2), pooled.stride(1), pooled.stride(2),
+        keys.stride(0), keys.stride(1), keys.stride(2), H, length, block_size, b0, D,
+        BSP=triton.next_power_of_2(block_size), DP=triton.next_power_of_2(D), num_warps=4,
+    )
+
+
+@triton.jit(do_not_specialize=["END", "START"])
 def _append_tokens(
     K, V, PS, PM, KN, VN, LENP,
     skb, skh, skt, svb, svh, svt, sps_bh, sps_n, spm_bh, spm_n, sknb, sknh, sknt, svnb, svnh, svnt,
-    H, bs, D, Dv, T,
-    BSP: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr,
+    H, bs, D, Dv, T, END, START,
+    BSP: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr, DEV_LEN: tl.constexpr,
 ):
     """Program (b*h, i): the i-th block touched by T new rows written at [start, start + T); LENP = [end,
     start] where end <= start + T is where the real tokens stop (rows past it are padding: written, not
@@ -67,8 +105,12 @@ def _append_tokens(
     bh = tl.program_id(0)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    end = tl.load(LENP).to(tl.int64)
-    start = tl.load(LENP + 1).to(tl.int64)
+    if DEV_LEN:
+        end = tl.load(LENP).to(tl.int64)
+        start = tl.load(LENP + 1).to(tl.int64)
+    else:  # positions from the host (an eager append)
+        end = END.to(tl.int64)
+        start = START.to(tl.int64)
     n = start // bs + tl.program_id(1)
     d = tl.arange(0, DP)
     dv = tl.arange(0, DVP)
@@ -112,7 +154,30 @@ def append_token(k_cache, v_cache, psum, pooled, k_new, v_new, length, block_siz
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), psum.stride(1), psum.stride(2), pooled.stride(1), pooled.stride(2),
         k_new.stride(0), k_new.stride(1), k_new.stride(2), v_new.stride(0), v_new.stride(1), v_new.stride(2),
-        H, block_size, D, Dv, T,
+        H, block_size, D, Dv, T, 0, 0,
         BSP=triton.next_power_of_2(block_size), DP=triton.next_power_of_2(D), DVP=triton.next_power_of_2(Dv),
-        num_warps=4,
+        DEV_LEN=True, num_warps=4,
+    )
+
+
+def append_rows(k_cache, v_cache, psum, pooled, k_new, v_new, start: int, block_size: int) -> None:
+    """An eager append: write T tokens (k_new/v_new [B, H, T, D], any row stride) at [start, start + T) of the
+    K/V buffers and refresh the pooled sum and mean of every block they touch, in one launch (instead of two
+    strided copies and a pooling kernel that reads the keys again)."""
+    B, H, T, D = k_new.shape
+    Dv = v_new.shape[-1]
+    if k_new.stride(-1) != 1:
+        k_new = k_new.contiguous()
+    if v_new.stride(-1) != 1:
+        v_new = v_new.contiguous()
+    assert psum.stride(0) == H * psum.stride(1) and pooled.stride(0) == H * pooled.stride(1)
+    nblk = (start + T - 1) // block_size - start // block_size + 1
+    _append_tokens[(B * H, nblk)](
+        k_cache, v_cache, psum, pooled, k_new, v_new, psum,
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+        v_cache.stride(2), psum.stride(1), psum.stride(2), pooled.stride(1), pooled.stride(2),
+        k_new.stride(0), k_new.stride(1), k_new.stride(2), v_new.stride(0), v_new.stride(1), v_new.stride(2),
+        H, block_size, D, Dv, T, start + T, start,
+        BSP=triton.next_power_of_2(block_size), DP=triton.next_power_of_2(D), DVP=triton.next_power_of_2(Dv),
+        DEV_LEN=False, num_warps=4,
     )
