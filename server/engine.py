@@ -335,7 +335,7 @@ class Engine:
         here rather than in a user's first long request."""
         pad = int(next(iter(self.eos_ids), 0))
         n_sparse = min(self.max_model_len - 8, WARMUP_SPARSE_TOKENS, self.prefill_chunk)
-        runs = [(8, {})]
+        runs = [(80, {})]  # >= hisa.cache.APPEND_KERNEL_MIN: compiles the one-launch append too
         if not self.slow_sparse_path and self.hisa_config.enabled and n_sparse > self.hisa_config.top_k:
             runs.append((n_sparse, {"min_context": 0}))
         if len(runs) > 1:  # compile the kernels for every context-length bucket up to max_model_len
@@ -357,6 +357,7 @@ class Engine:
                         # the recorded follow-up step too (compiles its kernel variants now, not on the first
                         # idle moment after a user's request)
                         self.stepper.chunk(ids[:, :3], cache)
+                    cache.crop_to(n - 5)  # prefix reuse cuts caches: compile that kernel now (~0.4 s on first use)
             finally:
                 cache.release()
 
@@ -559,8 +560,11 @@ class Engine:
         cache, tag = self._prepare
         self._prepare = None
         try:
+            t0 = time.monotonic()
             with hisa.override(**dict(tag or ())):
-                self.stepper.prepare_chunk(cache)
+                ready = self.stepper.prepare_chunk(cache)
+            log.debug("follow-up step over the last cache (%d tokens): %s (%.1f ms)", cache.get_seq_length(),
+                      "ready" if ready else "not recordable", 1000 * (time.monotonic() - t0))
         except Exception:  # noqa: BLE001 - only an optimisation
             log.exception("preparing the follow-up step failed")
 
@@ -597,7 +601,11 @@ class Engine:
             reserved = sum(s.reserve for s in self._active)
             if self._active and reserved + need > self.kv_budget_tokens:
                 break
-            self.prefix_cache.evict_to(max(0, self.kv_budget_tokens - reserved - need))
+            t0 = time.monotonic()
+            freed = self.prefix_cache.evict_to(max(0, self.kv_budget_tokens - reserved - need))
+            if freed:
+                log.debug("%s: evicted %d cached tokens to make room (%.1f ms)", req.id, freed,
+                          1000 * (time.monotonic() - t0))
             self._waiting.popleft()
             req.jobs.popleft()
             req.started = time.monotonic()
@@ -679,11 +687,14 @@ class Engine:
     def _begin(self, seq: Sequence) -> None:
         """Find a cached prefix (reused K/V and pooled keys) or allocate a fresh preallocated cache."""
         req = seq.req
+        t0 = time.monotonic()
         cache, shared = self.prefix_cache.take(seq.prompt, req.cache_tag)
         if cache is not None:
             keep = min(shared, seq.prompt_len - 1)  # always recompute the last prompt token (for its logits)
             cache.crop_to(keep)
             seq.pos = seq.cached = keep
+            log.debug("%s: reusing %d cached tokens (lookup and cut %.1f ms)", req.id, keep,
+                      1000 * (time.monotonic() - t0))
         else:
             cache = hisa.new_cache(self.model, max_cache_len=seq.reserve + FOLLOWUP_ROOM)
         seq.cache = cache
@@ -706,7 +717,10 @@ class Engine:
             if start > 0 and end - start <= GRAPH_CHUNK_MAX and self.stepper.graphs:
                 # a few tokens after a cached prefix (a follow-up question): replayed CUDA-graph steps instead
                 # of an eager forward whose host-side launches cost more than the GPU work
+                replays = self.stepper.replays
                 logits = self._tracked(seq, self.stepper.chunk, ids, seq.cache)[0]
+                log.debug("%s: %d prompt tokens after the cached ones, %d graph replays", seq.req.id, end - start,
+                          self.stepper.replays - replays)
             else:
                 logits = self._tracked(seq, self.forward, ids, seq.cache)
         finally:
