@@ -91,6 +91,35 @@ class HisaLayer(DynamicLayer):
     def capacity(self) -> int:
         return 0 if self._k is None else self._k.shape[2]
 
+    def reserve(self, capacity: int) -> None:
+        """Make room for ``capacity`` tokens now (one reallocation, instead of growing as tokens arrive)."""
+        if not self.is_initialized:
+            self.max_cache_len = max(self.max_cache_len or 0, capacity)
+        elif self.capacity < capacity:
+            self._allocate(self._k, self._v, capacity)
+            self._sync_views()
+
+    def clone_prefix(self, length: int, capacity: int | None = None) -> "HisaLayer":
+        """A new layer holding a copy of this one's first ``length`` tokens (K/V and pooled keys), with room
+        for ``capacity`` tokens."""
+        new = HisaLayer(self.block_size, capacity, self.growth)
+        length = min(length, self.length)
+        if not self.is_initialized or length <= 0:
+            return new
+        bs = self.block_size
+        whole = min(self.length, math.ceil(length / bs) * bs)  # the blocks holding the prefix, copied whole
+        new.device, new.dtype, new.is_initialized = self.device, self.dtype, True
+        new._allocate(self._k, self._v, max(capacity or 0, whole, _MIN_CAPACITY))
+        nb = math.ceil(whole / bs)
+        new._k[:, :, :whole] = self._k[:, :, :whole]
+        new._v[:, :, :whole] = self._v[:, :, :whole]
+        new._psum[:, :, :nb] = self._psum[:, :, :nb]
+        new._pooled[:, :, :nb] = self._pooled[:, :, :nb]
+        new.length = whole
+        new.crop_to(length)  # the partial last block re-summed from its keys
+        new._sync_views()
+        return new
+
     def _sync_views(self) -> None:
         self._views = None
 
@@ -300,6 +329,19 @@ class HisaCache(Cache):
         """Keep only the first ``length`` tokens of every layer (prefix reuse)."""
         for layer in self.layers:
             layer.crop_to(length)
+
+    def reserve(self, capacity: int) -> None:
+        """Room for ``capacity`` tokens in every layer now (a reused prefix about to take a long prompt)."""
+        self.prealloc_len = max(self.prealloc_len or 0, capacity)
+        for layer in self.layers:
+            layer.reserve(capacity)
+
+    def clone_prefix(self, length: int, capacity: int | None = None) -> "HisaCache":
+        """A new cache holding a copy of the first ``length`` tokens of this one (which stays as it is), with
+        room for ``capacity`` tokens: reuse of a shared prefix (a system prompt) without giving up this cache."""
+        new = HisaCache(self.hisa_config, max_cache_len=capacity)
+        new.layers = [layer.clone_prefix(length, capacity) for layer in self.layers]
+        return new
 
     def crop(self, max_length: int) -> None:
         for layer in self.layers:

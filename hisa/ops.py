@@ -250,6 +250,19 @@ def warmup(config: HisaConfig, *, num_heads: int, num_kv_heads: int, head_dim: i
         n *= 2
     lengths.append(max_len)
     g = torch.Generator(device=device).manual_seed(0)
+    from .graph import CHUNK  # noqa: PLC0415
+
+    # short caches: the recorded steps' dense attention splits a cache of fewer than ~2k keys into fewer
+    # pieces (another compiled variant per power of two)
+    for cap in (128, 256, 512, 1024, 2048, 4096):
+        if cap > max_len:
+            break
+        k = torch.randn(1, num_kv_heads, cap, head_dim, device=device, dtype=dtype, generator=g)
+        pooled = pool_keys(k, config.block_size)
+        for width in (1, CHUNK):
+            q = torch.randn(1, num_heads, width, head_dim, device=device, dtype=dtype, generator=g)
+            length = torch.tensor([cap, cap - width], dtype=torch.int32, device=device)
+            _triton_backend().decode_static(q, k, k, pooled, length, config, scale=head_dim**-0.5, sparse=False)
     for L in lengths:
         if L <= config.top_k:
             continue
@@ -267,6 +280,10 @@ def warmup(config: HisaConfig, *, num_heads: int, num_kv_heads: int, head_dim: i
         for sparse in (False, True):
             if not sparse or not static_prefers_dense(q, L):
                 _triton_backend().decode_static(q, k, v, pooled, length, config, scale=head_dim**-0.5, sparse=sparse)
+        # and the recorded follow-up (chunk) step's dense attention
+        q = torch.randn(1, num_heads, CHUNK, head_dim, device=device, dtype=dtype, generator=g)
+        length = torch.tensor([L, L - CHUNK], dtype=torch.int32, device=device)
+        _triton_backend().decode_static(q, k, v, pooled, length, config, scale=head_dim**-0.5, sparse=False)
         del k, v, pooled
     torch.cuda.synchronize(device)
     return lengths

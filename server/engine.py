@@ -688,15 +688,17 @@ class Engine:
         """Find a cached prefix (reused K/V and pooled keys) or allocate a fresh preallocated cache."""
         req = seq.req
         t0 = time.monotonic()
-        cache, shared = self.prefix_cache.take(seq.prompt, req.cache_tag)
+        room = seq.reserve + FOLLOWUP_ROOM
+        cache, shared = self.prefix_cache.take(seq.prompt, req.cache_tag, capacity=room)
         if cache is not None:
             keep = min(shared, seq.prompt_len - 1)  # always recompute the last prompt token (for its logits)
             cache.crop_to(keep)
+            cache.reserve(room)  # one reallocation now if the reused cache is too small for this prompt
             seq.pos = seq.cached = keep
             log.debug("%s: reusing %d cached tokens (lookup and cut %.1f ms)", req.id, keep,
                       1000 * (time.monotonic() - t0))
         else:
-            cache = hisa.new_cache(self.model, max_cache_len=seq.reserve + FOLLOWUP_ROOM)
+            cache = hisa.new_cache(self.model, max_cache_len=room)
         seq.cache = cache
         if req.generator is None and not req.params.greedy:
             req.generator = torch.Generator(device=self.device)

@@ -13,6 +13,11 @@ from dataclasses import dataclass
 import torch
 
 
+# a prompt sharing at least this fraction of an entry's tokens takes the entry's cache; less, a copy of the
+# shared prefix (the entry stays for follow-ups on its own document)
+TAKE_FRACTION = 0.5
+
+
 @dataclass
 class Entry:
     tokens: torch.Tensor  # int64 [L] on the CPU: the tokens whose K/V the cache holds
@@ -62,9 +67,14 @@ class PrefixCache:
                     total[k] = total.get(k, 0) + v
         return total
 
-    def take(self, prompt: torch.Tensor, tag=None) -> tuple[object | None, int]:
-        """Remove and return (cache, shared length) of the entry computed with the same ``tag`` that shares
-        the longest prefix with ``prompt``; (None, 0) when none shares at least ``min_match`` tokens."""
+    def take(self, prompt: torch.Tensor, tag=None, capacity: int | None = None) -> tuple[object | None, int]:
+        """(cache, shared length) for ``prompt`` from the entry computed with the same ``tag`` that shares the
+        longest prefix with it; (None, 0) when none shares at least ``min_match`` tokens.
+
+        When the prompt continues most of the entry (a follow-up on the same document, the next turn of a
+        chat) the entry leaves the LRU and its cache is returned; when it shares only a small part (another
+        document after the same system prompt) the shared tokens are copied into a new cache with room for
+        ``capacity`` tokens and the entry stays, for its own follow-ups."""
         best_key, best_len = None, 0
         with self._lock:
             for key, entry in self._entries.items():
@@ -76,9 +86,13 @@ class PrefixCache:
             if best_key is None or best_len < self.min_match:
                 self.misses += 1
                 return None, 0
-            entry = self._entries.pop(best_key)
             self.hits += 1
-        return entry.cache, best_len
+            entry = self._entries[best_key]
+            if best_len >= TAKE_FRACTION * len(entry.tokens):
+                del self._entries[best_key]
+                return entry.cache, best_len
+            self._entries.move_to_end(best_key)  # used: most recent
+            return entry.cache.clone_prefix(best_len, capacity), best_len
 
     def put(self, tokens: torch.Tensor, cache, tag=None) -> None:
         """Keep ``cache`` (holding K/V of ``tokens``); evicts least recently used entries over budget.

@@ -88,3 +88,41 @@ def test_preallocated_cache_does_not_regrow():
     storage = cache.layers[0]._k.data_ptr()
     _append_tokens(cache, [1] * 50, seed=2)
     assert cache.layers[0]._k.data_ptr() == storage
+
+
+def test_clone_prefix_copies_and_leaves_the_original():
+    cfg = HisaConfig(block_size=8, top_blocks=4, top_k=32)
+    cache = HisaCache(cfg)
+    all_keys = _append_tokens(cache, [37, 1, 1])
+    before = cache.layers[0].keys.clone(), cache.layers[0].pooled_keys.clone()
+    for n in (21, 24, 1, 39):
+        clone = cache.clone_prefix(n, capacity=100)
+        layer = clone.layers[0]
+        assert clone.get_seq_length() == n and layer.capacity >= 100
+        torch.testing.assert_close(layer.keys, all_keys[:, :, :n])
+        torch.testing.assert_close(layer.pooled_keys, pool_keys(all_keys[:, :, :n], 8), rtol=1e-6, atol=1e-6)
+        # the clone grows on its own; the original is untouched
+        more = _append_tokens(clone, [5], seed=n)
+        torch.testing.assert_close(clone.layers[0].pooled_keys,
+                                   pool_keys(torch.cat([all_keys[:, :, :n], more], 2), 8), rtol=1e-6, atol=1e-6)
+    assert cache.get_seq_length() == 39
+    torch.testing.assert_close(cache.layers[0].keys, before[0])
+    torch.testing.assert_close(cache.layers[0].pooled_keys, before[1])
+
+
+def test_reserve_grows_once_and_keeps_the_tokens():
+    cfg = HisaConfig(block_size=8, top_blocks=4, top_k=32)
+    cache = HisaCache(cfg)
+    all_keys = _append_tokens(cache, [300])
+    cache.reserve(5000)
+    layer = cache.layers[0]
+    assert layer.capacity >= 5000
+    torch.testing.assert_close(layer.keys, all_keys)
+    torch.testing.assert_close(layer.pooled_keys, pool_keys(all_keys, 8), rtol=1e-6, atol=1e-6)
+    cap = layer.capacity
+    _append_tokens(cache, [4000], seed=3)
+    assert layer.capacity == cap  # no regrowth up to the reserve
+    empty = HisaCache(cfg)
+    empty.reserve(700)
+    _append_tokens(empty, [10])
+    assert empty.layers[0].capacity >= 700

@@ -396,6 +396,43 @@ def test_prefix_cache_lru_and_prefix_match():
     assert common_prefix(torch.tensor([1, 2, 3]), torch.tensor([1, 2, 4, 5])) == 2
 
 
+def test_other_document_after_the_same_prefix_copies_it(engine, cold_engine):
+    """Two documents behind the same system prompt: the second reuses a copy of the shared prompt and the
+    first document's cache stays for its own follow-up; answers equal cold runs."""
+    system = prompt(40, seed=40)
+    doc_a, doc_b = system + prompt(300, seed=41), system + prompt(280, seed=42)
+    run(engine, [doc_a], GREEDY)
+    answer_b, usage, _ = run(engine, [doc_b], GREEDY)
+    assert usage["prompt_tokens_details"]["cached_tokens"] == 40
+    assert answer_b == run(cold_engine, [doc_b], GREEDY)[0]
+    follow_a = doc_a + prompt(9, seed=43)
+    answer_a, usage, _ = run(engine, [follow_a], GREEDY)
+    assert usage["prompt_tokens_details"]["cached_tokens"] >= len(doc_a)
+    assert answer_a == run(cold_engine, [follow_a], GREEDY)[0]
+
+
+def test_prefix_cache_takes_or_copies():
+    class FakeCache:
+        def __init__(self, n):
+            self.layers = [type("L", (), {"capacity": n})()]
+            self.clones = []
+
+        def clone_prefix(self, n, capacity):
+            self.clones.append((n, capacity))
+            return ("copy", n)
+
+        def release(self):
+            pass
+
+    pc = PrefixCache(max_tokens=10_000)
+    a = FakeCache(100)
+    pc.put(torch.arange(100), a)
+    got, n = pc.take(torch.cat([torch.arange(20), torch.tensor([999])]), capacity=500)
+    assert got == ("copy", 20) and n == 20 and a.clones == [(20, 500)] and len(pc) == 1  # kept
+    got, n = pc.take(torch.cat([torch.arange(60), torch.tensor([999])]))
+    assert got is a and n == 60 and len(pc) == 0  # most of it: taken
+
+
 def test_prefix_reuse_only_between_equal_attention_settings(engine):
     doc = prompt(300, seed=30)
     run(engine, [doc], GREEDY, overrides={"enabled": False})
