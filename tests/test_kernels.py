@@ -310,6 +310,24 @@ def test_crop_kernel_matches_cache(monkeypatch):
 
 @gpu
 @needs_gpu
+def test_clone_prefix_and_reserve_on_cuda():
+    from hisa import HisaCache
+
+    cache = HisaCache(HisaConfig(block_size=64, top_blocks=4, top_k=256))
+    keys = torch.randn(1, 2, 1000, 64, device="cuda", dtype=torch.bfloat16)
+    cache.update(keys, keys, 0)
+    for n in (1, 64, 650, 1000):
+        clone = cache.clone_prefix(n, capacity=3000)
+        assert clone.layers[0].capacity >= 3000 and clone.get_seq_length() == n
+        torch.testing.assert_close(clone.layers[0].pooled_keys, pool_keys(keys[:, :, :n], 64), rtol=1e-4, atol=1e-4)
+    cache.reserve(5000)
+    assert cache.layers[0].capacity >= 5000
+    torch.testing.assert_close(cache.layers[0].keys, keys)
+    torch.testing.assert_close(cache.layers[0].pooled_keys, pool_keys(keys, 64), rtol=1e-4, atol=1e-4)
+
+
+@gpu
+@needs_gpu
 def test_model_end_to_end_matches_reference(monkeypatch):
     import transformers
 
