@@ -57,7 +57,7 @@ def rms_norm(x, weight, eps: float):
     return y.view(x.shape)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["L"])  # any prompt length, one compiled kernel
 def _rope_kernel(X, C, S, Y, L, H, sxb, sxh, sxl, syb, syh, syl, scb, scl, ssb, ssl,
                  D: tl.constexpr, HB: tl.constexpr):
     bl = tl.program_id(0)

@@ -92,7 +92,7 @@ def crop_pooled(psum: torch.Tensor, pooled: torch.Tensor, keys: torch.Tensor, le
     )
 
 
-@triton.jit(do_not_specialize=["END", "START"])
+@triton.jit(do_not_specialize=["T", "END", "START"])  # any number of new tokens, one compiled kernel
 def _append_tokens(
     K, V, PS, PM, KN, VN, LENP,
     skb, skh, skt, svb, svh, svt, sps_bh, sps_n, spm_bh, spm_n, sknb, sknh, sknt, svnb, svnh, svnt,
