@@ -56,7 +56,10 @@ class PrefixTokenizer:
                  guard: int = 512, piece_chars: int = 32768, workers: int | None = None):
         self.tokenizer = tokenizer
         self.piece_chars = piece_chars
-        self.workers = workers if workers is not None else min(16, os.cpu_count() or 1)
+        if workers is None:  # the tokenizer's threads work on a batch only when its parallelism is on
+            off = os.environ.get("TOKENIZERS_PARALLELISM", "").lower() in ("0", "false", "no", "off")
+            workers = 1 if off else min(16, os.cpu_count() or 1)
+        self.workers = workers
         self.entries = entries
         self.min_chars = min_chars
         self.overlap = overlap
