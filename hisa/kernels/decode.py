@@ -40,8 +40,11 @@ STAGE2_BLOCKS = 4  # kept blocks scored per program (at most 256 tokens)
 # long contexts (H200, 128k keys: 74 vs 81 us at head dim 64), costs HISA's 32 short splits ~2 us
 COMBINE_LAST = True  # dense path
 COMBINE_LAST_SPARSE = False
-# the selections' search (select.py): in these one-program-per-row selections radix measured ~1-2 us faster
-# than the value-range search (H200, 128k: 38.5 vs 39.3 us per layer at head dim 64, 45.2 vs 46.6 at 128)
+# the selections' search (select.py): radix with 8-bit digits. Radix with 4-bit digits (select.RADIX4: 16-bin
+# histograms, up to 8 passes) measured faster in these one-program-per-row selections (H200, 128k, one layer in
+# a CUDA graph: 32.2-33.0 / 38.6-39.3 us at head dim 64 / 128 against 39.9-40.0 / 45.5-46.4) and gives the
+# reference's results on random rows there, but its GPU test suite has not run yet: it becomes the default once
+# tests/test_kernels.py and tests/test_graph.py pass with it on a GPU
 SELECT_METHOD = select.RADIX
 # a chunk step's dense attention (a follow-up question's 16 queries) with all query rows of a unit in one
 # program (_chunk_attn); False: one row per query (each re-reads every K/V row: H200, 32k keys, 242 us a layer)
@@ -153,9 +156,6 @@ def _stage1_slice(
     _select_core(x, tl.arange(0, SLICE), TB, CI + base, offs, SLICE, KP, RADIX, CS + base, True)
 
 
-# warps of the fused stage-1 / stage-2 programs (the selection in the last program dominates; measured on an
-# H200 at 128k, one layer in a CUDA graph: stage 1 with 8 warps, stage 2 with 16: 37.9 / 42.9 us at head dim
-# 64 / 128, against 38.8 / 47.1 with 4 / 8; fewer warps were up to 3x slower)
 @triton.jit(do_not_specialize=["chunk"])
 def _chunk_attn(
     Q, K, V, PO, PM, PL, LENP, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
@@ -272,6 +272,10 @@ def _attend_chunk(q, k, v, out, *, scale, length, SG, G, NSEL, DP):
     return out
 
 
+# warps of the fused stage-1 / stage-2 programs (the selection in the last program dominates; measured on an
+# H200 at 128k, one layer in a CUDA graph, 8-bit radix: stage 1 with 8 warps, stage 2 with 16: 37.9 / 42.9 us at
+# head dim 64 / 128, against 38.8 / 47.1 with 4 / 8; fewer warps were up to 3x slower. With the 4-bit radix
+# 16 / 16 warps measured best, 8 / 16 within 0.4 us)
 def _warps(width: int) -> int:
     return 8 if width <= 2048 else 16
 

@@ -1,10 +1,14 @@
 """Row-wise top-k *selection* (not sorting) in one Triton program per row.
 
 Each row of ``scores`` is held in registers; the k-th largest value is found on the order-preserving
-integer image of the float32 bits, without sorting, by one of three searches (``METHOD``):
+integer image of the float32 bits, without sorting, by one of four searches (``METHOD``):
 
 * ``RADIX``: up to 4 passes of a 256-bin histogram of the key's bytes, stopping once the bin of
   the k-th largest is kept whole.
+* ``RADIX4``: the same with 4-bit digits, up to 8 passes of a 16-bin histogram. A histogram's cost per entry
+  grows with its bins (Triton counts with warp ballots per bit and per bin), so the extra passes are cheaper
+  than the wide ones: in the graph decode's fused selections one layer took 32-33 / 39 us at head dim 64 / 128
+  instead of 40 / 46 (H200, 128k; to become their default once its GPU tests have run).
 * ``RANGE`` (default): passes of a 64-bin histogram over the value range still holding the k-th largest (its bounds
   the smallest and largest value in the previous pass's bin), typically 2-3.
 * ``BISECT``: 32 counting passes of a bisection.
@@ -25,7 +29,7 @@ import triton
 import triton.language as tl
 
 MAX_SELECT_WIDTH = 16384  # wider rows fall back to torch.topk
-BISECT, RADIX, RANGE = 0, 1, 2  # the threshold searches (module docstring)
+BISECT, RADIX, RANGE, RADIX4 = 0, 1, 2, 3  # the threshold searches (module docstring)
 SELECT_METHOD = RANGE  # the search the kernels use (measured on an H200: docs/kernels.md)
 
 
@@ -85,28 +89,31 @@ def _select_core(x, offs, K, OUT_ROW, val, BLOCK: tl.constexpr, KP: tl.constexpr
                  OUT_X, STORE_X: tl.constexpr):
     """Store at OUT_ROW[0:K] the ``val`` of the K largest finite entries of x (ascending offs), -1 padded
     (with STORE_X also their scores at OUT_X[0:K], -inf padded). RADIX is the search: 0 bisection,
-    1 radix, 2 value ranges (module docstring)."""
+    1 radix (8-bit digits), 2 value ranges, 3 radix with 4-bit digits (module docstring)."""
     valid = x > float("-inf")
     bits = x.to(tl.int32, bitcast=True)
     key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # int32, ordered like x
     if RADIX == 2:
         gt, eq = _range_search(x, key, valid, K, 64, 8)
-    elif RADIX == 1:
-        # radix select, 8 bits per pass, on the unsigned image of the key: up to 4 histogram passes, fewer
-        # when the bin holding the k-th largest is kept whole (then the threshold needs no more bits)
+    elif RADIX == 1 or RADIX == 3:
+        # radix select on the unsigned image of the key, W bits per pass (8: up to 4 histogram passes of 256
+        # bins; 4: up to 8 passes of 16 bins, each far cheaper), fewer when the bin holding the k-th largest is
+        # kept whole (then the threshold needs no more bits)
+        W: tl.constexpr = 8 if RADIX == 1 else 4
+        NBINS: tl.constexpr = 1 << W
         ukey = key.to(tl.int64) + 2147483648
-        bins = tl.arange(0, 256)
+        bins = tl.arange(0, NBINS)
         zero = tl.min(offs, 0) * 0
         prefix = zero.to(tl.int64)
         krem = K + zero
         done = zero
         cut = zero.to(tl.int64)  # the threshold is prefix >> cut, compared with ukey >> cut
-        for p in tl.static_range(4):
+        for p in tl.static_range(32 // W):
             if done == 0:
-                shift = 24 - 8 * p
-                match = (ukey >> (shift + 8)) == (prefix >> (shift + 8))
-                digit = ((ukey >> shift) & 255).to(tl.int32)
-                hist = tl.histogram(digit, 256, mask=match)
+                shift = 32 - W * (p + 1)
+                match = (ukey >> (shift + W)) == (prefix >> (shift + W))
+                digit = ((ukey >> shift) & (NBINS - 1)).to(tl.int32)
+                hist = tl.histogram(digit, NBINS, mask=match)
                 cum = tl.cumsum(hist, 0)
                 ge = tl.sum(hist, 0) - cum + hist  # matching entries with digit >= bin
                 d_sel = tl.maximum(tl.max(tl.where(ge >= krem, bins, -1), 0), 0)
