@@ -119,3 +119,64 @@ def test_long_text_in_parallel_pieces_equals_whole(tok, text):
         for special in (True, False):
             assert pt.encode(t, special) == tok.encode(t, add_special_tokens=special), (trial, special)
     assert pt.split >= 12
+
+
+def _trained_tokenizer(kind: str, text: str):
+    """A small tokenizer of one design family, trained on ``text`` (offline, ~0.3 s)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if kind == "wordpiece":  # BERT: lower-casing normaliser, [CLS] ... [SEP] added around the text
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        trainer = trainers.WordPieceTrainer(vocab_size=3000, special_tokens=["[UNK]", "[CLS]", "[SEP]"])
+    else:
+        tok = Tokenizer(models.BPE(unk_token="<unk>" if kind == "metaspace" else None,
+                                   byte_fallback=kind == "metaspace"))
+        alphabet = [] if kind == "metaspace" else pre_tokenizers.ByteLevel.alphabet()
+        trainer = trainers.BpeTrainer(vocab_size=3000, special_tokens=["<unk>", "<s>", "</s>"],
+                                      initial_alphabet=alphabet)
+        if kind == "metaspace":  # SentencePiece style (Llama 2, Mistral): a dummy prefix on the first word, BOS
+            tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+            tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+        elif kind == "bytelevel":  # GPT-2 style
+            tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+            tok.decoder = decoders.ByteLevel()
+        else:  # Llama 3 / Qwen style: a split regex, then bytes
+            pat = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                   r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+            tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pat), behavior="isolated"),
+                                                         pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                                                  use_regex=False)])
+            tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([text[:400000]], trainer=trainer)
+    if kind == "metaspace":
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    if kind == "wordpiece":
+        tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
+                                                           special_tokens=[("[CLS]", 1), ("[SEP]", 2)])
+    bos, eos = ("[CLS]", "[SEP]") if kind == "wordpiece" else ("<s>", "</s>")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos)
+
+
+@pytest.mark.parametrize("kind", ["metaspace", "bytelevel", "split", "wordpiece"])
+def test_other_tokenizer_designs(kind, text):
+    """Follow-up splicing and parallel pieces give one pass's ids with the main tokenizer designs users bring:
+    SentencePiece-style (a dummy prefix on a restarted piece, BOS), GPT-2 byte-level, Llama 3 / Qwen regex
+    splits, BERT WordPiece (appends [SEP]: falls back to one pass with special tokens)."""
+    tok = _trained_tokenizer(kind, text)
+    pt = PrefixTokenizer(tok, piece_chars=4096, workers=8)
+    rng = random.Random(3)
+    odd = ["\n" * 300, " " * 900, "a" * 2000, "日本語" * 300, "1234567890" * 100, "😀" * 200]
+    for trial in range(8):
+        a = rng.randrange(0, len(text) - 60000)
+        doc = text[a : a + rng.randrange(12000, 40000)]
+        if trial % 2:
+            pos = rng.randrange(0, len(doc))
+            doc = doc[:pos] + rng.choice(odd) + doc[pos:]
+        cut = rng.randrange(len(doc) - 3000, len(doc))
+        for special in (True, False):
+            for t in (doc[:cut] + rng.choice(SUFFIXES), doc[:cut] + "\n\nQuestion: why?"):
+                assert pt.encode(t, special) == tok.encode(t, add_special_tokens=special), (kind, trial, special)
+    assert pt.reused >= 8 and pt.split >= 8
