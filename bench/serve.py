@@ -154,11 +154,9 @@ def chat_raw(http, text: str, max_tokens: int) -> dict:
     return {"ttft_s": first, "usage": usage}
 
 
-def document_text(corpus: str, tokenizer_dir: Path, n_tokens: int, offset: int) -> str:
-    """About ``n_tokens`` tokens of ``corpus`` (repeated as needed) starting ``offset`` characters in."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+def document_text(corpus: str, tok, n_tokens: int, offset: int) -> str:
+    """About ``n_tokens`` tokens (of tokenizer ``tok``) of ``corpus`` (repeated as needed) starting ``offset``
+    characters in."""
     text = corpus[offset:] + "\n\n" + corpus
     while len(text) < 6 * n_tokens:
         text += "\n\n" + corpus
@@ -301,8 +299,11 @@ def main() -> None:
         results = {"card": _card(), "contexts": contexts, "rows": []}
         docs = {}
         if args.text and args.text.is_file():
+            from transformers import AutoTokenizer
+
             corpus = args.text.read_text()
-            docs = {n: document_text(corpus, Path(args.tokenizer), n - 64, 1000 * i)
+            tok = AutoTokenizer.from_pretrained(args.tokenizer)
+            docs = {n: document_text(corpus, tok, n - 64, 1000 * i)
                     for i, n in enumerate(contexts) if n <= args.followup_up_to}
         for mode in args.modes.split(","):
             extra = args.server_args.split() + (["--no-hisa"] if mode == "dense" else [])

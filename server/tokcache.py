@@ -68,6 +68,7 @@ class PrefixTokenizer:
         self._cache: OrderedDict[tuple[bool, int], _Entry] = OrderedDict()
         self._next = 0
         self._lock = threading.Lock()
+        self._specials = self._probe_specials() if self.enabled else None
         self.reused = 0  # texts tokenized from a cached prefix (for tests and logs)
         self.split = 0  # texts tokenized as parallel pieces
 
@@ -145,9 +146,10 @@ class PrefixTokenizer:
 
     def _added_specials(self, special: bool):
         """The ids the tokenizer puts before a text (a BOS) with ``special``; None when it also appends some
-        (then pieces cannot simply be joined)."""
-        if not special:
-            return []
+        (then pieces cannot simply be joined). Probed once, at construction."""
+        return self._specials if special else []
+
+    def _probe_specials(self):
         with_sp = list(self.tokenizer("a b", add_special_tokens=True)["input_ids"])
         plain = list(self.tokenizer("a b", add_special_tokens=False)["input_ids"])
         m = len(with_sp) - len(plain)

@@ -91,6 +91,14 @@ def run_together(engine: Engine, prompts, params: SamplingParams) -> list[list[i
     return asyncio.run(go())
 
 
+async def abort_and_drain(engine: Engine, req: GenRequest, timeout: float = 30) -> None:
+    """Cancel ``req`` (its client left) and wait until the engine runs no sequence."""
+    engine.abort(req)
+    deadline = time.monotonic() + timeout
+    while engine.stats()["running_sequences"] and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+
+
 def prompt(n: int, seed: int = 0) -> list[int]:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, 40000, (n,), generator=g).tolist()
@@ -194,10 +202,7 @@ def test_lookahead_gives_the_same_answers(engine, model_dir):
             deltas = 0
             while deltas < 3:
                 deltas += isinstance(await asyncio.wait_for(req.events.get(), 60), Delta)
-            ahead.abort(req)
-            deadline = time.monotonic() + 30
-            while ahead.stats()["running_sequences"] and time.monotonic() < deadline:
-                await asyncio.sleep(0.01)
+            await abort_and_drain(ahead, req)
             return req
 
         req = asyncio.run(leave())
@@ -221,10 +226,7 @@ def test_cancel_mid_prefill_frees_cache(model_dir):
             ev = await asyncio.wait_for(req.events.get(), 60)
             assert isinstance(ev, Progress) and ev.processed < ev.total
             seen["live"] = e.stats()["live_cache_bytes"]["kv"]
-            e.abort(req)
-            deadline = time.monotonic() + 30
-            while e.stats()["running_sequences"] and time.monotonic() < deadline:
-                await asyncio.sleep(0.01)
+            await abort_and_drain(e, req)
             return req
 
         req = asyncio.run(go())

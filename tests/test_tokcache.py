@@ -17,6 +17,16 @@ SUFFIXES = ["\n\nQuestion: who is Ahab?", " whale", "   \n  spaces", "é日本�
             "\t\ttabs", "😀 emoji", "x" * 50, "...!?", "\n\n\n\n"]
 
 
+def _document(rng, text: str, shortest: int, odd: list[str] | None = None) -> str:
+    """A random stretch of ``text`` (``shortest`` to 40000 characters), with one of ``odd`` inserted somewhere."""
+    a = rng.randrange(0, len(text) - 60000)
+    doc = text[a : a + rng.randrange(shortest, 40000)]
+    if odd:
+        pos = rng.randrange(0, len(doc))
+        doc = doc[:pos] + rng.choice(odd) + doc[pos:]
+    return doc
+
+
 @pytest.fixture(scope="module")
 def tok():
     from transformers import AutoTokenizer
@@ -111,11 +121,7 @@ def test_long_text_in_parallel_pieces_equals_whole(tok, text):
     rng = random.Random(2)
     odd = ["\n" * 700, " " * 3000, "a" * 5000, "日本語" * 800, "\t \n" * 500, "1234567890" * 300]
     for trial in range(12):
-        a = rng.randrange(0, len(text) - 50000)
-        t = text[a : a + rng.randrange(9000, 40000)]
-        if trial % 2:
-            pos = rng.randrange(0, len(t))
-            t = t[:pos] + rng.choice(odd) + t[pos:]
+        t = _document(rng, text, 9000, odd if trial % 2 else None)
         for special in (True, False):
             assert pt.encode(t, special) == tok.encode(t, add_special_tokens=special), (trial, special)
     assert pt.split >= 12
@@ -170,11 +176,7 @@ def test_other_tokenizer_designs(kind, text):
     rng = random.Random(3)
     odd = ["\n" * 300, " " * 900, "a" * 2000, "日本語" * 300, "1234567890" * 100, "😀" * 200]
     for trial in range(8):
-        a = rng.randrange(0, len(text) - 60000)
-        doc = text[a : a + rng.randrange(12000, 40000)]
-        if trial % 2:
-            pos = rng.randrange(0, len(doc))
-            doc = doc[:pos] + rng.choice(odd) + doc[pos:]
+        doc = _document(rng, text, 12000, odd if trial % 2 else None)
         cut = rng.randrange(len(doc) - 3000, len(doc))
         for special in (True, False):
             for t in (doc[:cut] + rng.choice(SUFFIXES), doc[:cut] + "\n\nQuestion: why?"):

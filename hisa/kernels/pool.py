@@ -141,29 +141,23 @@ def append_token(k_cache, v_cache, psum, pooled, k_new, v_new, length, block_siz
     end at length[0] (rows past it are padding of a fixed-size chunk), in one launch. ``length`` is a
     two-element int tensor on the device, so the call can be captured in a CUDA graph and replayed while the
     cache grows."""
-    B, H, T, D = k_new.shape
-    Dv = v_new.shape[-1]
-    if k_new.stride(-1) != 1:
-        k_new = k_new.contiguous()
-    if v_new.stride(-1) != 1:
-        v_new = v_new.contiguous()
-    assert psum.stride(0) == H * psum.stride(1) and pooled.stride(0) == H * pooled.stride(1)
+    T = k_new.shape[2]
     nblk = triton.cdiv(T, block_size) + (1 if T > 1 else 0)  # blocks a run of T rows can touch
-    _append_tokens[(B * H, nblk)](
-        k_cache, v_cache, psum, pooled, k_new, v_new, length,
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
-        v_cache.stride(2), psum.stride(1), psum.stride(2), pooled.stride(1), pooled.stride(2),
-        k_new.stride(0), k_new.stride(1), k_new.stride(2), v_new.stride(0), v_new.stride(1), v_new.stride(2),
-        H, block_size, D, Dv, T, 0, 0,
-        BSP=triton.next_power_of_2(block_size), DP=triton.next_power_of_2(D), DVP=triton.next_power_of_2(Dv),
-        DEV_LEN=True, num_warps=4,
-    )
+    _launch_append(k_cache, v_cache, psum, pooled, k_new, v_new, block_size, nblk, length=length)
 
 
 def append_rows(k_cache, v_cache, psum, pooled, k_new, v_new, start: int, block_size: int) -> None:
     """An eager append: write T tokens (k_new/v_new [B, H, T, D], any row stride) at [start, start + T) of the
     K/V buffers and refresh the pooled sum and mean of every block they touch, in one launch (instead of two
     strided copies and a pooling kernel that reads the keys again)."""
+    T = k_new.shape[2]
+    nblk = (start + T - 1) // block_size - start // block_size + 1
+    _launch_append(k_cache, v_cache, psum, pooled, k_new, v_new, block_size, nblk, start=start)
+
+
+def _launch_append(k_cache, v_cache, psum, pooled, k_new, v_new, block_size: int, nblk: int, *,
+                   length=None, start: int = 0) -> None:
+    """``_append_tokens`` over ``nblk`` blocks: positions from ``length`` (device) or from ``start`` (host)."""
     B, H, T, D = k_new.shape
     Dv = v_new.shape[-1]
     if k_new.stride(-1) != 1:
@@ -171,13 +165,13 @@ def append_rows(k_cache, v_cache, psum, pooled, k_new, v_new, start: int, block_
     if v_new.stride(-1) != 1:
         v_new = v_new.contiguous()
     assert psum.stride(0) == H * psum.stride(1) and pooled.stride(0) == H * pooled.stride(1)
-    nblk = (start + T - 1) // block_size - start // block_size + 1
+    dev_len = length is not None
     _append_tokens[(B * H, nblk)](
-        k_cache, v_cache, psum, pooled, k_new, v_new, psum,
+        k_cache, v_cache, psum, pooled, k_new, v_new, length if dev_len else psum,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), psum.stride(1), psum.stride(2), pooled.stride(1), pooled.stride(2),
         k_new.stride(0), k_new.stride(1), k_new.stride(2), v_new.stride(0), v_new.stride(1), v_new.stride(2),
-        H, block_size, D, Dv, T, start + T, start,
+        H, block_size, D, Dv, T, 0 if dev_len else start + T, 0 if dev_len else start,
         BSP=triton.next_power_of_2(block_size), DP=triton.next_power_of_2(D), DVP=triton.next_power_of_2(Dv),
-        DEV_LEN=False, num_warps=4,
+        DEV_LEN=dev_len, num_warps=4,
     )
