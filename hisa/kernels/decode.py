@@ -40,12 +40,11 @@ STAGE2_BLOCKS = 4  # kept blocks scored per program (at most 256 tokens)
 # long contexts (H200, 128k keys: 74 vs 81 us at head dim 64), costs HISA's 32 short splits ~2 us
 COMBINE_LAST = True  # dense path
 COMBINE_LAST_SPARSE = False
-# the selections' search (select.py): radix with 8-bit digits. Radix with 4-bit digits (select.RADIX4: 16-bin
-# histograms, up to 8 passes) measured faster in these one-program-per-row selections (H200, 128k, one layer in
-# a CUDA graph: 32.2-33.0 / 38.6-39.3 us at head dim 64 / 128 against 39.9-40.0 / 45.5-46.4) and gives the
-# reference's results on random rows there, but its GPU test suite has not run yet: it becomes the default once
-# tests/test_kernels.py and tests/test_graph.py pass with it on a GPU
-SELECT_METHOD = select.RADIX
+# the selections' search (select.py): radix with 4-bit digits (16-bin histograms, up to 8 passes). In these
+# one-program-per-row selections it measured faster than 8-bit digits (H200, 128k, one layer in a CUDA graph:
+# 32.2-33.0 / 38.6-39.3 us at head dim 64 / 128 against 39.9-40.0 / 45.5-46.4): a histogram's per-entry cost
+# grows with its bins
+SELECT_METHOD = select.RADIX4
 # a chunk step's dense attention (a follow-up question's 16 queries) with all query rows of a unit in one
 # program (_chunk_attn); False: one row per query (each re-reads every K/V row: H200, 32k keys, 242 us a layer)
 CHUNK_KERNEL = True

@@ -8,8 +8,8 @@ integer image of the float32 bits, without sorting, by one of four searches (``M
 * ``RADIX4``: the same with 4-bit digits, up to 8 passes of a 16-bin histogram. A histogram's cost per entry
   grows with its bins (Triton counts with warp ballots per bit and per bin), so the extra passes are cheaper
   than the wide ones: in the graph decode's fused selections one layer took 32-33 / 39 us at head dim 64 / 128
-  instead of 40 / 46 (H200, 128k; to become their default once its GPU tests have run).
-* ``RANGE`` (default): passes of a 64-bin histogram over the value range still holding the k-th largest (its bounds
+  instead of 40 / 46 (H200, 128k); the graph decode's default (``decode.SELECT_METHOD``).
+* ``RANGE`` (default of the eager kernels): passes of a 64-bin histogram over the value range still holding the k-th largest (its bounds
   the smallest and largest value in the previous pass's bin), typically 2-3.
 * ``BISECT``: 32 counting passes of a bisection.
 
