@@ -209,7 +209,7 @@ def test_cuda_graph_decode_matches_eager(family, mode, monkeypatch):
 @gpu
 @needs_gpu
 @pytest.mark.parametrize("sparse,variant", [(True, "fused"), (True, "wide"), (True, "combine-last"),
-                                             (True, "range-search"), (True, "radix8"), (False, "fused"),
+                                             (True, "range-search"), (True, "radix8"), (True, "compact"), (False, "fused"),
                                              (False, "separate-combine")])
 @pytest.mark.parametrize("G,D", [(1, 64), (4, 64), (7, 128), (8, 128)])
 def test_decode_static_kernel_matches_reference(sparse, variant, G, D, monkeypatch):
@@ -220,6 +220,7 @@ def test_decode_static_kernel_matches_reference(sparse, variant, G, D, monkeypat
     monkeypatch.setattr(decode, "FUSED_STATIC", variant != "wide")
     monkeypatch.setattr(decode, "COMBINE_LAST", variant != "separate-combine")
     monkeypatch.setattr(decode, "COMBINE_LAST_SPARSE", variant == "combine-last")
+    monkeypatch.setattr(decode, "COMPACT_KEPT", variant == "compact")
     if variant in ("range-search", "radix8"):
         monkeypatch.setattr(decode, "SELECT_METHOD", 2 if variant == "range-search" else 1)
     torch.manual_seed(G * 100 + D)

@@ -30,7 +30,7 @@ import triton.language as tl
 
 from . import select
 from .exact import _LOG2E, _arrive, _attend, _load_selector, _split_plan, _token_scores, counters
-from .select import _select_core
+from .select import _select_core, _select_holes
 
 FUSED_STATIC = True  # the three-launch sparse decode; False: the previous six-launch path
 FUSED_MAX_BLOCKS = 8192  # widest stage-1 row (pooled keys) the fused path selects in one program
@@ -45,6 +45,11 @@ COMBINE_LAST_SPARSE = False
 # 32.2-33.0 / 38.6-39.3 us at head dim 64 / 128 against 39.9-40.0 / 45.5-46.4): a histogram's per-entry cost
 # grows with its bins
 SELECT_METHOD = select.RADIX4
+# stage 2 hands the attention its kept tokens as a list with holes (-1 where a candidate was not kept, one
+# coalesced store) instead of compacting them with a prefix sum: the attention's order does not matter
+COMPACT_KEPT = False
+HOLES_TILE = 128
+HOLES_WARPS = {64: 4, 128: 8}  # by padded head dim (H200, 128k: 4 warps spill registers at head dim 128)
 # a chunk step's dense attention (a follow-up question's 16 queries) with all query rows of a unit in one
 # program (_chunk_attn); False: one row per query (each re-reads every K/V row: H200, 32k keys, 242 us a layer)
 CHUNK_KERNEL = True
@@ -73,8 +78,9 @@ def _slice_scores(Q, P, LENP, row, sl, sqb, sqh, spb, sph, spn, NSEL, SG, G, D, 
         qc = tl.load(Q + b * sqb + h[:, None] * sqh + dd[None, :],
                      mask=(g[:, None] < SG) & (dd[None, :] < D), other=0.0).to(tl.float32)
         qs = tl.sum(qc, 0)
+        # every allocated block is read (not only the visible ones): the loads need not wait for the length
         pc = tl.load(P + b * spb + kv * sph + offs[:, None].to(tl.int64) * spn + dd[None, :],
-                     mask=nmask[:, None] & (dd[None, :] < D), other=0.0)
+                     mask=(offs[:, None] < NB) & (dd[None, :] < D), other=0.0)
         x += tl.sum(pc * qs[None, :], 1)
     x = tl.where(nmask, x, float("-inf"))
     x = tl.where(nmask & ((offs == 0) | (offs == nvis - 1)), float("inf"), x)
@@ -105,7 +111,7 @@ def _stage2_fused(
     Q, K, BLK, S2, IDX, CNT, LENP, sqb, sqh, skb, skh, skt,
     NSEL, SG, G, D, bs, TB, TK, scale, NP,
     SGP: tl.constexpr, DP: tl.constexpr, BSP: tl.constexpr, BPP: tl.constexpr, W2P: tl.constexpr,
-    KP: tl.constexpr, METHOD: tl.constexpr,
+    KP: tl.constexpr, METHOD: tl.constexpr, COMPACT: tl.constexpr,
 ):
     row = tl.program_id(0)
     b = (row // NSEL).to(tl.int64)
@@ -134,7 +140,10 @@ def _stage2_fused(
         xs = tl.load(srow + cols, mask=live, other=float("-inf"), cache_modifier=".cg")
         bl = tl.load(brow + cols // bs, mask=live, other=0)
         val = bl * bs + cols % bs
-        _select_core(xs, cols, TK, IDX + row.to(tl.int64) * TK, val, W2P, KP, METHOD, IDX, False)
+        if COMPACT:
+            _select_core(xs, cols, TK, IDX + row.to(tl.int64) * TK, val, W2P, KP, METHOD, IDX, False)
+        else:
+            _select_holes(xs, cols, TK, IDX + row.to(tl.int64) * W2P, val, METHOD)
 
 
 @triton.jit(do_not_specialize=["NB"])
@@ -331,15 +340,19 @@ def hisa_decode_static(q, k, v, pooled, length, config, *, scale, sparse, out):
         bpp = max(1, min(STAGE2_BLOCKS, 256 // BSP))
         np2 = triton.cdiv(TB, bpp)
         s2 = torch.empty(R, w2p, dtype=torch.float32, device=dev)
-        idx = torch.empty(R, TK, dtype=torch.int32, device=dev)
+        idx = torch.empty(R, TK if COMPACT_KEPT else w2p, dtype=torch.int32, device=dev)
         _stage2_fused[(R, np2)](
             q, k, blk, s2, idx, cnt[R:], length, q.stride(0), q.stride(1),
             k.stride(0), k.stride(1), k.stride(2),
             NSEL, SG, G, D, bs, TB, TK, scale, np2,
             SGP=SGP, DP=DP, BSP=BSP, BPP=bpp, W2P=w2p, KP=max(16, triton.next_power_of_2(TK)),
-            METHOD=method, num_warps=_warps(w2p),
+            METHOD=method, COMPACT=COMPACT_KEPT, num_warps=_warps(w2p),
         )
-        return _attend(q, k, v, idx, out, n_idx=TK, scale=scale, **common)
+        if COMPACT_KEPT:
+            return _attend(q, k, v, idx, out, n_idx=TK, scale=scale, **common)
+        # twice the entries, half of them holes: tiles of 128 keep one tile per split
+        return _attend(q, k, v, idx, out, n_idx=TB * bs, scale=scale, block_t=HOLES_TILE,
+                       warps=HOLES_WARPS.get(DP, 8), **common)
     # very wide rows: stage 1 in two levels (the top TB of each slice of blocks, then the top TB of those)
     BPP = max(1, 128 // BSP)
     SLICE = max(STATIC_SLICE, triton.next_power_of_2(2 * TB))

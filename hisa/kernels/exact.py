@@ -422,13 +422,14 @@ def counters(device, n: int) -> torch.Tensor:
     return bufs[-1]
 
 
-def _attend(q, k, v, idx, out, *, n_idx, scale, length=None, SG, G, NSEL, MP, DP, combine_last=False):
+def _attend(q, k, v, idx, out, *, n_idx, scale, length=None, SG, G, NSEL, MP, DP, combine_last=False,
+            block_t=64, warps=4):
     """Split-K attention of one query per row over idx[:, :n_idx] (or, with ``length``, over every key up to
     the row's query at position length[1] + i: dense) plus the combine of the partials (``combine_last``:
     inside the attention kernel, by each row's last program, one launch less)."""
     B, Hq, Lq, D = q.shape
     R = B * NSEL * Lq
-    BLOCK_T = 64
+    BLOCK_T = block_t
     nsplit, chunk = _split_plan(R, n_idx, q.device, BLOCK_T)
     direct = nsplit == 1
     combine_last = combine_last and not direct
@@ -448,7 +449,7 @@ def _attend(q, k, v, idx, out, *, n_idx, scale, length=None, SG, G, NSEL, MP, DP
         idx.stride(0) if idx is not None else 0,
         NSEL, Lq, SG, G, D, n_idx, chunk, scale * _LOG2E, nsplit,
         MP=MP, DP=DP, BLOCK_T=BLOCK_T, DIRECT=direct, CONTIG=contig,
-        COMBINE=combine_last, SGP=triton.next_power_of_2(SG), SPLITP=splitp, num_warps=4,
+        COMBINE=combine_last, SGP=triton.next_power_of_2(SG), SPLITP=splitp, num_warps=warps,
     )
     if not direct and not combine_last:
         _combine[(R, SG)](

@@ -85,11 +85,10 @@ def _range_search(x, key, valid, K, NBINS: tl.constexpr, NPASS: tl.constexpr):
 
 
 @triton.jit
-def _select_core(x, offs, K, OUT_ROW, val, BLOCK: tl.constexpr, KP: tl.constexpr, RADIX: tl.constexpr,
-                 OUT_X, STORE_X: tl.constexpr):
-    """Store at OUT_ROW[0:K] the ``val`` of the K largest finite entries of x (ascending offs), -1 padded
-    (with STORE_X also their scores at OUT_X[0:K], -inf padded). RADIX is the search: 0 bisection,
-    1 radix (8-bit digits), 2 value ranges, 3 radix with 4-bit digits (module docstring)."""
+def _search(x, offs, K, RADIX: tl.constexpr):
+    """(gt, eq, valid): the finite entries of x above / at the K-th largest one (``eq`` may hold more
+    entries than are kept: ties, all of the same value), by the search RADIX: 0 bisection, 1 radix (8-bit
+    digits), 2 value ranges, 3 radix with 4-bit digits (module docstring)."""
     valid = x > float("-inf")
     bits = x.to(tl.int32, bitcast=True)
     key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # int32, ordered like x
@@ -139,10 +138,26 @@ def _select_core(x, offs, K, OUT_ROW, val, BLOCK: tl.constexpr, KP: tl.constexpr
             hi = tl.where(ok, hi, mid - 1)
         gt = (k64 > lo) & valid
         eq = (k64 == lo) & valid
+    return gt, eq, valid
+
+
+@triton.jit
+def _keep_mask(gt, eq, K):
+    """The kept entries: all of ``gt``, then those of ``eq`` (ties) in ascending position up to K in all."""
     need = K - tl.sum(gt.to(tl.int32), 0)  # how many entries equal to the threshold are kept
     keep = gt | eq
     if tl.sum(eq.to(tl.int32), 0) > need:  # ties at the threshold: the lowest columns
         keep = gt | (eq & (tl.cumsum(eq.to(tl.int32), 0) <= need))
+    return keep
+
+
+@triton.jit
+def _select_core(x, offs, K, OUT_ROW, val, BLOCK: tl.constexpr, KP: tl.constexpr, RADIX: tl.constexpr,
+                 OUT_X, STORE_X: tl.constexpr):
+    """Store at OUT_ROW[0:K] the ``val`` of the K largest finite entries of x (ascending offs), -1 padded
+    (with STORE_X also their scores at OUT_X[0:K], -inf padded). RADIX: the search (:func:`_search`)."""
+    gt, eq, valid = _search(x, offs, K, RADIX)
+    keep = _keep_mask(gt, eq, K)
     keep_i = keep.to(tl.int32)
     dest = tl.cumsum(keep_i, 0) - 1
     tl.store(OUT_ROW + dest, val.to(tl.int32), mask=keep)
@@ -152,6 +167,15 @@ def _select_core(x, offs, K, OUT_ROW, val, BLOCK: tl.constexpr, KP: tl.constexpr
     if STORE_X:
         tl.store(OUT_X + dest, x, mask=keep)
         tl.store(OUT_X + pad, tl.full([KP], float("-inf"), tl.float32), mask=pad < K)
+
+
+@triton.jit
+def _select_holes(x, offs, K, OUT_ROW, val, RADIX: tl.constexpr):
+    """The K largest finite entries of x without compaction: OUT_ROW[j] = val[j] where entry j is kept, -1
+    where not (no prefix sum, and one coalesced store; for consumers to which the order does not matter)."""
+    gt, eq, valid = _search(x, offs, K, RADIX)
+    keep = _keep_mask(gt, eq, K)
+    tl.store(OUT_ROW + offs, tl.where(keep, val, -1).to(tl.int32))
 
 
 @triton.jit(do_not_specialize=["N", "pos0", "L_inner", "nvis_bs"])
