@@ -51,6 +51,7 @@ def _kernel_times(fn, sets, reps=20) -> dict[str, float]:
 
 VARIANTS = {  # name: module settings of hisa.kernels.decode
     "default": {},
+    "plain launches (no programmatic dependent launch)": {"PDL": False},
     "compacted kept list": {"COMPACT_KEPT": True},
     "holes, 64-token attention tiles": {"HOLES_TILE": 64},
     "16 warps in both selecting kernels": {"_warps": lambda width: 16},

@@ -210,17 +210,18 @@ def test_cuda_graph_decode_matches_eager(family, mode, monkeypatch):
 @needs_gpu
 @pytest.mark.parametrize("sparse,variant", [(True, "fused"), (True, "wide"), (True, "combine-last"),
                                              (True, "range-search"), (True, "radix8"), (True, "compact"),
-                                             (False, "fused"), (False, "separate-combine")])
+                                             (True, "no-pdl"), (False, "fused"), (False, "separate-combine")])
 @pytest.mark.parametrize("G,D", [(1, 64), (4, 64), (7, 128), (8, 128)])
 def test_decode_static_kernel_matches_reference(sparse, variant, G, D, monkeypatch):
-    """Both sparse paths (three fused launches; the wide-row path), both combines and both searches, against the
-    spec."""
+    """Both sparse paths (three fused launches, with and without programmatic dependent launches; the wide-row
+    path), both combines, the kept-token list compacted or with holes, and the searches, against the spec."""
     from hisa.kernels import decode
 
     monkeypatch.setattr(decode, "FUSED_STATIC", variant != "wide")
     monkeypatch.setattr(decode, "COMBINE_LAST", variant != "separate-combine")
     monkeypatch.setattr(decode, "COMBINE_LAST_SPARSE", variant == "combine-last")
     monkeypatch.setattr(decode, "COMPACT_KEPT", variant == "compact")
+    monkeypatch.setattr(decode, "PDL", variant != "no-pdl")
     if variant in ("range-search", "radix8"):
         monkeypatch.setattr(decode, "SELECT_METHOD", 2 if variant == "range-search" else 1)
     torch.manual_seed(G * 100 + D)

@@ -14,6 +14,10 @@ Sparse (HISA, the reference's per-query semantics), for R = B x units selection 
    program selects the top ``top_k`` and maps them to key indices.
 3. ``exact._sparse_attn``  split-K attention over the kept tokens, then ``exact._combine``.
 
+On sm_90+ (``PDL``) the launches after the first are programmatic dependent launches: each kernel lets the
+next one start at its beginning, and the next one's programs wait (``gdc_wait``) only before reading what
+it wrote, so the launch latency hides behind the previous kernel's selection.
+
 A selection step is a latency chain of block-wide reductions in one program; running it in the scoring
 kernel's last program saves a launch and the wait for it. Rows whose stage-1 width exceeds
 ``FUSED_MAX_BLOCKS`` pooled keys take the previous path (two-level stage 1, separate selection kernels).
@@ -29,7 +33,10 @@ import triton
 import triton.language as tl
 
 from . import select
-from .exact import _LOG2E, _arrive, _attend, _load_selector, _split_plan, _token_scores, counters
+from .exact import (
+    _LOG2E, _arrive, _attend, _load_selector, _pdl_args, _split_plan, _token_scores, counters, gdc_launch_dependents,
+    gdc_wait, pdl_supported,
+)
 from .select import _select_core, _select_holes
 
 FUSED_STATIC = True  # the three-launch sparse decode; False: the previous six-launch path
@@ -54,6 +61,7 @@ HOLES_TILE = 128  # its attention programs take 4 warps up to head dim 64, 8 abo
 CHUNK_KERNEL = True
 CHUNK_BLOCK_T = 64
 STATIC_SLICE = 512  # blocks per program in the first level of the wide-row path's stage 1
+PDL = True  # programmatic dependent launches in the fused sparse path where the GPU has them (sm_90+)
 
 
 @triton.jit
@@ -91,8 +99,10 @@ def _stage1_fused(
     Q, P, S1, BLK, CNT, LENP, sqb, sqh, spb, sph, spn,
     NSEL, SG, G, D, bs, TB, NB, NP,
     SGP: tl.constexpr, DP: tl.constexpr, DC: tl.constexpr, SLICE: tl.constexpr, NBP: tl.constexpr,
-    KP: tl.constexpr, METHOD: tl.constexpr,
+    KP: tl.constexpr, METHOD: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    if PDL:  # stage 2 may launch now; its programs wait for this kernel before reading BLK
+        gdc_launch_dependents()
     row = tl.program_id(0)
     sl = tl.program_id(1)
     x, offs = _slice_scores(Q, P, LENP, row, sl, sqb, sqh, spb, sph, spn, NSEL, SG, G, D, bs, NB,
@@ -110,14 +120,19 @@ def _stage2_fused(
     Q, K, BLK, S2, IDX, CNT, LENP, sqb, sqh, skb, skh, skt,
     NSEL, SG, G, D, bs, TB, TK, scale, NP,
     SGP: tl.constexpr, DP: tl.constexpr, BSP: tl.constexpr, BPP: tl.constexpr, W2P: tl.constexpr,
-    KP: tl.constexpr, METHOD: tl.constexpr, COMPACT: tl.constexpr,
+    KP: tl.constexpr, METHOD: tl.constexpr, COMPACT: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    if PDL:
+        gdc_launch_dependents()
     row = tl.program_id(0)
     b = (row // NSEL).to(tl.int64)
     u = row % NSEL
     kv = (u * SG) // G
+    # Q, LENP and K were written before stage 1 started: readable before the wait for stage 1
     pos = tl.load(LENP) - 1
     qs = _load_selector(Q, b, u, 0, sqb, sqh, 0, SG, D, SGP, DP)
+    if PDL:
+        gdc_wait()
     j = tl.arange(0, BPP * BSP)
     slot = tl.program_id(1) * BPP + j // BSP
     within = j % BSP
@@ -326,6 +341,7 @@ def hisa_decode_static(q, k, v, pooled, length, config, *, scale, sparse, out):
     nbp = np1 * slice1
     w2p = max(16, triton.next_power_of_2(TB * bs))
     if FUSED_STATIC and nbp <= FUSED_MAX_BLOCKS and w2p <= FUSED_MAX_BLOCKS and TB <= nbp:
+        pdl = PDL and pdl_supported(dev)
         cnt = counters(dev, 2 * R)
         s1 = torch.empty(R, nbp, dtype=torch.float32, device=dev)
         blk = torch.empty(R, TB, dtype=torch.int32, device=dev)
@@ -334,7 +350,7 @@ def hisa_decode_static(q, k, v, pooled, length, config, *, scale, sparse, out):
             pooled.stride(0), pooled.stride(1), pooled.stride(2),
             NSEL, SG, G, D, bs, TB, NB, np1,
             SGP=SGP, DP=DP, DC=16, SLICE=slice1, NBP=nbp, KP=max(16, triton.next_power_of_2(TB)),
-            METHOD=method, num_warps=_warps(nbp),
+            METHOD=method, num_warps=_warps(nbp), **(dict(PDL=True) if pdl else {}),
         )
         bpp = max(1, min(STAGE2_BLOCKS, 256 // BSP))
         np2 = triton.cdiv(TB, bpp)
@@ -345,13 +361,13 @@ def hisa_decode_static(q, k, v, pooled, length, config, *, scale, sparse, out):
             k.stride(0), k.stride(1), k.stride(2),
             NSEL, SG, G, D, bs, TB, TK, scale, np2,
             SGP=SGP, DP=DP, BSP=BSP, BPP=bpp, W2P=w2p, KP=max(16, triton.next_power_of_2(TK)),
-            METHOD=method, COMPACT=COMPACT_KEPT, num_warps=_warps(w2p),
+            METHOD=method, COMPACT=COMPACT_KEPT, num_warps=_warps(w2p), **_pdl_args(pdl),
         )
         if COMPACT_KEPT:
-            return _attend(q, k, v, idx, out, n_idx=TK, scale=scale, **common)
+            return _attend(q, k, v, idx, out, n_idx=TK, scale=scale, pdl=pdl, **common)
         # twice the entries, half of them holes: tiles of 128 keep one tile per split
         return _attend(q, k, v, idx, out, n_idx=TB * bs, scale=scale, block_t=HOLES_TILE,
-                       warps=4 if DP <= 64 else 8, **common)
+                       warps=4 if DP <= 64 else 8, pdl=pdl, **common)
     # very wide rows: stage 1 in two levels (the top TB of each slice of blocks, then the top TB of those)
     BPP = max(1, 128 // BSP)
     SLICE = max(STATIC_SLICE, triton.next_power_of_2(2 * TB))

@@ -29,6 +29,11 @@ import triton.language as tl
 from . import select as _select
 from .select import _select_core, topk_select
 
+try:  # programmatic dependent launch (sm_90+): Triton >= 3.3
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - older Triton: launches stay plain (PDL is never requested)
+    gdc_launch_dependents = gdc_wait = None
+
 FUSED = True  # stage scoring fused with its top-k selection (one program per row); False: separate kernels
 FUSED_MAX_WIDTH = 4096
 MAX_SPLITS = 64
@@ -198,13 +203,16 @@ def _sparse_attn(
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, sidx,
     NSEL, Lq, SG, G, D, n_idx, chunk, qk_scale, NSPLIT,
     MP: tl.constexpr, DP: tl.constexpr, BLOCK_T: tl.constexpr, DIRECT: tl.constexpr, CONTIG: tl.constexpr,
-    COMBINE: tl.constexpr, SGP: tl.constexpr, SPLITP: tl.constexpr,
+    COMBINE: tl.constexpr, SGP: tl.constexpr, SPLITP: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """Attention of each row's query heads over its kept tokens IDX[row, :n_idx] (-1 = none), split-K.
     With CONTIG the kept tokens are all keys up to the row's query, which sits at position LENP[1] + i
     (dense attention of a decode step or a short chunk, positions in device memory so that the call can be
     captured in a CUDA graph). With COMBINE the last split of a row to finish merges the row's partials
-    (counters at CNT[row]); otherwise :func:`_combine` runs after."""
+    (counters at CNT[row]); otherwise :func:`_combine` runs after. With PDL (launched as a programmatic
+    dependent of the kernel that wrote IDX) the program loads its queries before waiting for that kernel."""
+    if PDL:
+        gdc_launch_dependents()
     row = tl.program_id(0)
     split = tl.program_id(1)
     i = row % Lq
@@ -217,6 +225,8 @@ def _sparse_attn(
     h = u * SG + g
     qmask = (g[:, None] < SG) & (d[None, :] < D)
     q = tl.load(Q + b * sqb + h[:, None].to(tl.int64) * sqh + i * sqt + d[None, :], mask=qmask, other=0.0)
+    if PDL:
+        gdc_wait()
     m_i = tl.full([MP], -1.0e30, tl.float32)
     l_i = tl.zeros([MP], tl.float32)
     acc = tl.zeros([MP, DP], tl.float32)
@@ -285,9 +295,12 @@ def _combine_row(O, PO, PM, PL, base, b, u, i, sob, soh, sot, SG, D, NSPLIT,
 @triton.jit(do_not_specialize=["Lq"])
 def _combine(
     O, PO, PM, PL, sob, soh, sot, NSEL, Lq, SG, D, NSPLIT,
-    MP: tl.constexpr, DP: tl.constexpr, SPLITP: tl.constexpr,
+    MP: tl.constexpr, DP: tl.constexpr, SPLITP: tl.constexpr, PDL: tl.constexpr = False,
 ):
-    """Merge the split-K partials (max, sum, acc) of one query head: program (row, head of its unit)."""
+    """Merge the split-K partials (max, sum, acc) of one query head: program (row, head of its unit). With
+    PDL (a programmatic dependent launch) it first waits for the attention kernel."""
+    if PDL:
+        gdc_wait()
     row = tl.program_id(0)
     g = tl.program_id(1)
     i = row % Lq
@@ -310,6 +323,18 @@ def _combine(
 
 
 _SM = {}
+
+
+def pdl_supported(device) -> bool:
+    """Programmatic dependent launch: the next kernel's programs start while the previous kernel finishes
+    and wait for it in ``gdc_wait`` (CUDA on compute capability 9.0+, Triton with ``gdc_wait``)."""
+    return (gdc_wait is not None and device.type == "cuda"
+            and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+def _pdl_args(pdl: bool) -> dict:
+    """Launch arguments of a kernel with a ``PDL`` switch: as a programmatic dependent launch or plain."""
+    return dict(PDL=True, launch_pdl=True) if pdl else {}
 
 
 def _sm_count(device) -> int:
@@ -423,10 +448,12 @@ def counters(device, n: int) -> torch.Tensor:
 
 
 def _attend(q, k, v, idx, out, *, n_idx, scale, length=None, SG, G, NSEL, MP, DP, combine_last=False,
-            block_t=64, warps=4):
+            block_t=64, warps=4, pdl=False):
     """Split-K attention of one query per row over idx[:, :n_idx] (or, with ``length``, over every key up to
     the row's query at position length[1] + i: dense) plus the combine of the partials (``combine_last``:
-    inside the attention kernel, by each row's last program, one launch less)."""
+    inside the attention kernel, by each row's last program, one launch less). ``pdl``: both launches are
+    programmatic dependent launches (:func:`pdl_supported`; the kernel before must call
+    ``gdc_launch_dependents`` or simply finish)."""
     B, Hq, Lq, D = q.shape
     R = B * NSEL * Lq
     BLOCK_T = block_t
@@ -450,10 +477,11 @@ def _attend(q, k, v, idx, out, *, n_idx, scale, length=None, SG, G, NSEL, MP, DP
         NSEL, Lq, SG, G, D, n_idx, chunk, scale * _LOG2E, nsplit,
         MP=MP, DP=DP, BLOCK_T=BLOCK_T, DIRECT=direct, CONTIG=contig,
         COMBINE=combine_last, SGP=triton.next_power_of_2(SG), SPLITP=splitp, num_warps=warps,
+        **_pdl_args(pdl),
     )
     if not direct and not combine_last:
         _combine[(R, SG)](
             out, po, pm, pl, out.stride(0), out.stride(1), out.stride(2), NSEL, Lq, SG, D, nsplit,
-            MP=MP, DP=DP, SPLITP=splitp, num_warps=4,
+            MP=MP, DP=DP, SPLITP=splitp, num_warps=4, **_pdl_args(pdl),
         )
     return out
