@@ -65,6 +65,9 @@ VARIANTS = {  # name: module settings of hisa.kernels.decode
     "compacted kept list": {"COMPACT_KEPT": True},
     "holes, 64-token attention tiles": {"HOLES_TILE": 64},
     "16 warps in both selecting kernels": {"_warps": lambda width: 16},
+    "partials merged by the last split (no combine launch)": {"COMBINE_LAST_SPARSE": True},
+    "8-bit radix search": {"SELECT_METHOD": 1},
+    "value-range search": {"SELECT_METHOD": 2},
 }
 
 
