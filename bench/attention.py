@@ -147,14 +147,20 @@ def prefill_case(L, D, cfg, dtype, check_rows, results, tune):
     return row
 
 
-def decode_case(L, D, cfg, dtype, results, nsets=4):
+def decode_sets(L, D, block_size, dtype, nsets=4):
+    """``nsets`` random (q, k, v, pooled) decode inputs: one query over L keys, shapes HQ/HKV/D."""
     sets = []
     for s in range(nsets):
         g = torch.Generator(device="cuda").manual_seed(1000 * s + L + D)
         q = torch.randn(1, HQ, 1, D, device="cuda", dtype=dtype, generator=g)
         k = torch.randn(1, HKV, L, D, device="cuda", dtype=dtype, generator=g)
         v = torch.randn(1, HKV, L, D, device="cuda", dtype=dtype, generator=g)
-        sets.append((q, k, v, pool_keys(k, cfg.block_size)))
+        sets.append((q, k, v, pool_keys(k, block_size)))
+    return sets
+
+
+def decode_case(L, D, cfg, dtype, results, nsets=4):
+    sets = decode_sets(L, D, cfg.block_size, dtype, nsets)
     row = {"phase": "decode", "L": L, "D": D, "top_blocks": cfg.top_blocks, "top_k": cfg.top_k}
     dense_bytes = 2 * HKV * L * D * 2
     nb = math.ceil(L / cfg.block_size)

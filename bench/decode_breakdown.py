@@ -21,20 +21,9 @@ from torch.nn.attention import SDPBackend
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.attention import _parse_ctx, graph_time, rel, sdpa  # noqa: E402
-from hisa import HisaConfig, hisa_attention_reference, kernels, pool_keys  # noqa: E402
+from bench.attention import _parse_ctx, decode_sets, graph_time, rel, sdpa  # noqa: E402
+from hisa import HisaConfig, hisa_attention_reference, kernels  # noqa: E402
 from hisa.kernels import decode  # noqa: E402
-
-
-def _sets(L, D, n=4):
-    out = []
-    for i in range(n):
-        g = torch.Generator(device="cuda").manual_seed(1000 * i + L + D)
-        q = torch.randn(1, 32, 1, D, device="cuda", dtype=torch.bfloat16, generator=g)
-        k = torch.randn(1, 8, L, D, device="cuda", dtype=torch.bfloat16, generator=g)
-        v = torch.randn(1, 8, L, D, device="cuda", dtype=torch.bfloat16, generator=g)
-        out.append((q, k, v, pool_keys(k, 64)))
-    return out
 
 
 def _kernel_times(fn, sets, reps=20) -> dict[str, float]:
@@ -84,7 +73,7 @@ def main() -> None:
     print(torch.cuda.get_device_name())
     rows = []
     for D in (int(d) for d in args.dims.split(",")):
-        sets = _sets(L, D)
+        sets = decode_sets(L, D, cfg.block_size, torch.bfloat16)
         flash = graph_time([lambda s=s: sdpa(*s[:3], SDPBackend.FLASH_ATTENTION, False) for s in sets], reps=50)
         length = torch.tensor([L, L - 1], dtype=torch.int32, device="cuda")
 

@@ -209,8 +209,8 @@ def test_cuda_graph_decode_matches_eager(family, mode, monkeypatch):
 @gpu
 @needs_gpu
 @pytest.mark.parametrize("sparse,variant", [(True, "fused"), (True, "wide"), (True, "combine-last"),
-                                             (True, "range-search"), (True, "radix8"), (True, "compact"), (False, "fused"),
-                                             (False, "separate-combine")])
+                                             (True, "range-search"), (True, "radix8"), (True, "compact"),
+                                             (False, "fused"), (False, "separate-combine")])
 @pytest.mark.parametrize("G,D", [(1, 64), (4, 64), (7, 128), (8, 128)])
 def test_decode_static_kernel_matches_reference(sparse, variant, G, D, monkeypatch):
     """Both sparse paths (three fused launches; the wide-row path), both combines and both searches, against the

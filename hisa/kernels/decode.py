@@ -48,8 +48,7 @@ SELECT_METHOD = select.RADIX4
 # stage 2 hands the attention its kept tokens as a list with holes (-1 where a candidate was not kept, one
 # coalesced store) instead of compacting them with a prefix sum: the attention's order does not matter
 COMPACT_KEPT = False
-HOLES_TILE = 128
-HOLES_WARPS = {64: 4, 128: 8}  # by padded head dim (H200, 128k: 4 warps spill registers at head dim 128)
+HOLES_TILE = 128  # its attention programs take 4 warps up to head dim 64, 8 above (H200: 4 spill at 128)
 # a chunk step's dense attention (a follow-up question's 16 queries) with all query rows of a unit in one
 # program (_chunk_attn); False: one row per query (each re-reads every K/V row: H200, 32k keys, 242 us a layer)
 CHUNK_KERNEL = True
@@ -352,7 +351,7 @@ def hisa_decode_static(q, k, v, pooled, length, config, *, scale, sparse, out):
             return _attend(q, k, v, idx, out, n_idx=TK, scale=scale, **common)
         # twice the entries, half of them holes: tiles of 128 keep one tile per split
         return _attend(q, k, v, idx, out, n_idx=TB * bs, scale=scale, block_t=HOLES_TILE,
-                       warps=HOLES_WARPS.get(DP, 8), **common)
+                       warps=4 if DP <= 64 else 8, **common)
     # very wide rows: stage 1 in two levels (the top TB of each slice of blocks, then the top TB of those)
     BPP = max(1, 128 // BSP)
     SLICE = max(STATIC_SLICE, triton.next_power_of_2(2 * TB))

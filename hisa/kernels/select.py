@@ -9,8 +9,8 @@ integer image of the float32 bits, without sorting, by one of four searches (``M
   grows with its bins (Triton counts with warp ballots per bit and per bin), so the extra passes are cheaper
   than the wide ones: in the graph decode's fused selections one layer took 32-33 / 39 us at head dim 64 / 128
   instead of 40 / 46 (H200, 128k); the graph decode's default (``decode.SELECT_METHOD``).
-* ``RANGE`` (default of the eager kernels): passes of a 64-bin histogram over the value range still holding the k-th largest (its bounds
-  the smallest and largest value in the previous pass's bin), typically 2-3.
+* ``RANGE`` (default of the eager kernels): passes of a 64-bin histogram over the value range still holding the
+  k-th largest (its bounds the smallest and largest value in the previous pass's bin), typically 2-3.
 * ``BISECT``: 32 counting passes of a bisection.
 
 Then the kept columns are compacted in ascending column order with a prefix sum. Ties at the threshold keep
@@ -86,7 +86,7 @@ def _range_search(x, key, valid, K, NBINS: tl.constexpr, NPASS: tl.constexpr):
 
 @triton.jit
 def _search(x, offs, K, RADIX: tl.constexpr):
-    """(gt, eq, valid): the finite entries of x above / at the K-th largest one (``eq`` may hold more
+    """(gt, eq): the finite entries of x above / at the K-th largest one (``eq`` may hold more
     entries than are kept: ties, all of the same value), by the search RADIX: 0 bisection, 1 radix (8-bit
     digits), 2 value ranges, 3 radix with 4-bit digits (module docstring)."""
     valid = x > float("-inf")
@@ -141,7 +141,7 @@ def _search(x, offs, K, RADIX: tl.constexpr):
             hi = tl.where(ok, hi, mid - 1)
         gt = (k64 > lo) & valid
         eq = (k64 == lo) & valid
-    return gt, eq, valid
+    return gt, eq
 
 
 @triton.jit
@@ -159,7 +159,7 @@ def _select_core(x, offs, K, OUT_ROW, val, BLOCK: tl.constexpr, KP: tl.constexpr
                  OUT_X, STORE_X: tl.constexpr):
     """Store at OUT_ROW[0:K] the ``val`` of the K largest finite entries of x (ascending offs), -1 padded
     (with STORE_X also their scores at OUT_X[0:K], -inf padded). RADIX: the search (:func:`_search`)."""
-    gt, eq, valid = _search(x, offs, K, RADIX)
+    gt, eq = _search(x, offs, K, RADIX)
     keep = _keep_mask(gt, eq, K)
     keep_i = keep.to(tl.int32)
     dest = tl.cumsum(keep_i, 0) - 1
@@ -176,7 +176,7 @@ def _select_core(x, offs, K, OUT_ROW, val, BLOCK: tl.constexpr, KP: tl.constexpr
 def _select_holes(x, offs, K, OUT_ROW, val, RADIX: tl.constexpr):
     """The K largest finite entries of x without compaction: OUT_ROW[j] = val[j] where entry j is kept, -1
     where not (no prefix sum, and one coalesced store; for consumers to which the order does not matter)."""
-    gt, eq, valid = _search(x, offs, K, RADIX)
+    gt, eq = _search(x, offs, K, RADIX)
     keep = _keep_mask(gt, eq, K)
     tl.store(OUT_ROW + offs, tl.where(keep, val, -1).to(tl.int32))
 
