@@ -58,6 +58,8 @@ VARIANTS = {  # name: module settings of hisa.kernels.decode
     "partials merged by the last split (no combine launch)": {"COMBINE_LAST_SPARSE": True},
     "8-bit radix search": {"SELECT_METHOD": 1},
     "value-range search": {"SELECT_METHOD": 2},
+    "5-bit radix search": {"SELECT_METHOD": 5},
+    "6-bit radix search": {"SELECT_METHOD": 6},
 }
 
 

@@ -94,12 +94,13 @@ def _search(x, offs, K, RADIX: tl.constexpr):
     key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # int32, ordered like x
     if RADIX == 2:
         gt, eq = _range_search(x, key, valid, K, 64, 8)
-    elif RADIX == 1 or RADIX == 3:
+    elif RADIX == 1 or RADIX == 3 or RADIX == 5 or RADIX == 6:
         # radix select on the unsigned image of the key, W bits per pass (8: up to 4 histogram passes of 256
         # bins; 4: up to 8 passes of 16 bins, each far cheaper), fewer when the bin holding the k-th largest is
         # kept whole (then the threshold needs no more bits)
-        W: tl.constexpr = 8 if RADIX == 1 else 4
+        W: tl.constexpr = 8 if RADIX == 1 else 4 if RADIX == 3 else RADIX  # digit bits (5, 6: experimental)
         NBINS: tl.constexpr = 1 << W
+        NPASS: tl.constexpr = (32 + W - 1) // W
         ukey = key.to(tl.int64) + 2147483648
         bins = tl.arange(0, NBINS)
         zero = tl.min(offs, 0) * 0
@@ -107,11 +108,13 @@ def _search(x, offs, K, RADIX: tl.constexpr):
         krem = K + zero
         done = zero
         cut = zero.to(tl.int64)  # the threshold is prefix >> cut, compared with ukey >> cut
-        for p in tl.static_range(32 // W):
+        for p in tl.static_range(NPASS):
             if done == 0:
-                shift = 32 - W * (p + 1)
-                match = (ukey >> (shift + W)) == (prefix >> (shift + W))
-                digit = ((ukey >> shift) & (NBINS - 1)).to(tl.int32)
+                top: tl.constexpr = 32 - W * p  # bits >= top are decided
+                width: tl.constexpr = W if W < top else top  # the last digit may be narrower
+                shift: tl.constexpr = top - width
+                match = (ukey >> top) == (prefix >> top)
+                digit = ((ukey >> shift) & ((1 << width) - 1)).to(tl.int32)
                 hist = tl.histogram(digit, NBINS, mask=match)
                 cum = tl.cumsum(hist, 0)
                 ge = tl.sum(hist, 0) - cum + hist  # matching entries with digit >= bin

@@ -41,6 +41,7 @@ def _tile_attn(
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, smb, smq, smk,
     NSEL, SG, G, NT, t_first, q_start, Lq, Lk, D: tl.constexpr, top_blocks, qk_scale,
     BS: tl.constexpr, HPP: tl.constexpr, DP: tl.constexpr, HAS_MASK: tl.constexpr, TMA: tl.constexpr,
+    PAIR: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -68,7 +69,48 @@ def _tile_attn(
     n = tl.arange(0, BS)
     row = bu.to(tl.int64) * NT + pid_t
     nkept = tl.minimum(top_blocks, t_abs + 1)
-    for kb in range(0, nkept - 1):  # blocks before the tile's own block: fully visible, complete
+    # blocks before the tile's own block: fully visible, complete; PAIR: two per step (one running-max update
+    # and one rescale of the accumulator per 2 x BS keys instead of per BS)
+    nprev = nkept - 1
+    if PAIR:
+        for kp in range(0, nprev // 2):
+            ba = tl.load(BLK + row * top_blocks + 2 * kp)
+            bb = tl.load(BLK + row * top_blocks + 2 * kp + 1)
+            if TMA:
+                ka = KD.load([b.to(tl.int32), kv, ba * BS, 0]).reshape(BS, DP)
+                va = VD.load([b.to(tl.int32), kv, ba * BS, 0]).reshape(BS, DP)
+                kb_ = KD.load([b.to(tl.int32), kv, bb * BS, 0]).reshape(BS, DP)
+                vb = VD.load([b.to(tl.int32), kv, bb * BS, 0]).reshape(BS, DP)
+            else:
+                ta = (ba * BS + n).to(tl.int64)
+                tb = (bb * BS + n).to(tl.int64)
+                ka = tl.load(kbase + ta[:, None] * skt + d[None, :], mask=dmask, other=0.0)
+                kb_ = tl.load(kbase + tb[:, None] * skt + d[None, :], mask=dmask, other=0.0)
+                va = tl.load(vbase + ta[:, None] * svt + d[None, :], mask=dmask, other=0.0)
+                vb = tl.load(vbase + tb[:, None] * svt + d[None, :], mask=dmask, other=0.0)
+            sa = tl.dot(q, tl.trans(ka))
+            sb = tl.dot(q, tl.trans(kb_))
+            if HAS_MASK:
+                ta = (ba * BS + n).to(tl.int64)
+                tb = (bb * BS + n).to(tl.int64)
+                mva = tl.load(MASK + b * smb + i[:, None].to(tl.int64) * smq + ta[None, :] * smk,
+                              mask=row_ok[:, None], other=0)
+                mvb = tl.load(MASK + b * smb + i[:, None].to(tl.int64) * smq + tb[None, :] * smk,
+                              mask=row_ok[:, None], other=0)
+                sa = tl.where(mva != 0, sa, float("-inf"))
+                sb = tl.where(mvb != 0, sb, float("-inf"))
+            m_new = tl.maximum(m_i, tl.maximum(tl.max(sa, 1), tl.max(sb, 1)) * qk_scale)
+            alpha = tl.math.exp2(m_i - m_new)
+            pa = tl.math.exp2(sa * qk_scale - m_new[:, None])
+            pb = tl.math.exp2(sb * qk_scale - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(pa, 1) + tl.sum(pb, 1)
+            acc = acc * alpha[:, None] + tl.dot(pa.to(va.dtype), va)
+            acc += tl.dot(pb.to(vb.dtype), vb)
+            m_i = m_new
+        first = nprev - nprev % 2
+    else:
+        first = 0
+    for kb in range(first, nprev):
         blk = tl.load(BLK + row * top_blocks + kb)
         tok = (blk * BS + n).to(tl.int64)
         if TMA:  # descriptors over [B, Hkv, Lk, D]: columns past D read as zeros; K and V issued together
@@ -117,6 +159,8 @@ def _tile_attn(
 TILE_SETTINGS = {"block_m": 128, "num_warps": 8, "num_stages": 2}
 TILE_SETTINGS_TMA = {64: {"block_m": 128, "num_warps": 8, "num_stages": 2},
                      128: {"block_m": 256, "num_warps": 16, "num_stages": 2}}
+# two kept blocks per step of the online softmax (one max update and accumulator rescale per 2 x block_size keys)
+PAIR_STEPS = os.environ.get("HISA_PAIR_STEPS", "0") == "1"
 _TMA_ENV = "HISA_TMA"  # "0": pointer loads everywhere
 
 
@@ -227,7 +271,7 @@ def hisa_attention_tiled(q, k, v, pooled, config, *, scale, q_start, mask, out, 
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2), *ms,
         NSEL, SG, G, NT, t_first, q_start, Lq, Lk, D, config.top_blocks, scale * _LOG2E,
-        BS=bs, HPP=hpp, DP=DP, HAS_MASK=mask is not None, TMA=tma,
+        BS=bs, HPP=hpp, DP=DP, HAS_MASK=mask is not None, TMA=tma, PAIR=PAIR_STEPS,
         num_warps=warps, num_stages=st["num_stages"],
     )
     return out

@@ -1,0 +1,69 @@
+"""Time to first token at 128k with module settings of the prefill kernels, A/B in one process.
+
+A Llama-3.2-1B-shaped model with random weights and HISA applied prefills 128k tokens (one forward, last
+position's logits) ``--reps`` times per setting, the settings alternating so that clocks and memory state are
+shared: today's defaults, two kept blocks per online-softmax step in the tile kernel (``tiled.PAIR_STEPS``),
+and the tile selection with the 4-bit radix search (``select.SELECT_METHOD = 3``; value ranges by default).
+
+    python bench/prefill_variants.py [--tokens 131072] [--reps 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.e2e import build_model  # noqa: E402
+from hisa import HisaConfig, apply_hisa, new_cache  # noqa: E402
+from hisa.kernels import select, tiled  # noqa: E402
+from hisa.patch import _cache_kwarg  # noqa: E402
+
+SETTINGS = {
+    "default": {},
+    "paired softmax steps": {(tiled, "PAIR_STEPS"): True},
+    "4-bit radix tile selection": {(select, "SELECT_METHOD"): select.RADIX4},
+    "both": {(tiled, "PAIR_STEPS"): True, (select, "SELECT_METHOD"): select.RADIX4},
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=131072)
+    ap.add_argument("--reps", type=int, default=4)
+    args = ap.parse_args()
+    model = build_model(args.tokens + 64)
+    apply_hisa(model, HisaConfig())
+    ids = torch.randint(0, 128256, (1, args.tokens), generator=torch.Generator().manual_seed(0)).cuda()
+    times: dict[str, list[float]] = {k: [] for k in SETTINGS}
+    with torch.no_grad():
+        for _ in range(args.reps + 1):  # the first round compiles
+            for label, settings in SETTINGS.items():
+                saved = {key: getattr(*key) for key in settings}
+                for (mod, attr), val in settings.items():
+                    setattr(mod, attr, val)
+                try:
+                    cache = new_cache(model, args.tokens + 64)
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    out = model(ids, use_cache=True, logits_to_keep=1, **{_cache_kwarg(model): cache})
+                    out.logits[:, -1].argmax(-1).item()
+                    times[label].append(time.perf_counter() - t0)
+                finally:
+                    for (mod, attr), val in saved.items():
+                        setattr(mod, attr, val)
+                del cache, out
+                torch.cuda.empty_cache()
+    print(f"# {torch.cuda.get_device_name()}, {args.tokens} tokens")
+    for label, ts in times.items():
+        ts = ts[1:]
+        print(f"{label}: best {min(ts):.4f} s, all {[round(t, 4) for t in ts]}")
+
+
+if __name__ == "__main__":
+    main()
