@@ -2,6 +2,7 @@
 
     python bench/decode_breakdown.py                       # 128k keys, head dims 64 and 128
     python bench/decode_breakdown.py --context 256k --variants
+    python bench/decode_breakdown.py --variants dependent,last,5-bit   # only the variants naming these words
 
 One decode query (32 query heads, 8 KV heads, bf16, default HisaConfig) over a full cache, replayed in a CUDA
 graph over 4 K/V sets (as bench/attention.py does, so that the small working set is not served from L2), with
@@ -67,7 +68,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--context", default="128k")
     ap.add_argument("--dims", default="64,128")
-    ap.add_argument("--variants", action="store_true")
+    ap.add_argument("--variants", nargs="?", const="", default=None,
+                    help="measure the module variants too; optionally only those whose name contains one of "
+                         "these comma-separated words")
     args = ap.parse_args()
     L = _parse_ctx(args.context)[0]
     cfg = HisaConfig()
@@ -83,7 +86,10 @@ def main() -> None:
 
         q, k, v, p = sets[0]
         ref = hisa_attention_reference(q.float(), k.float(), v.float(), p, cfg)
-        for name, settings in VARIANTS.items() if args.variants else [("default", {})]:
+        words = [w for w in (args.variants or "").split(",") if w]
+        chosen = [(n, st) for n, st in VARIANTS.items()
+                  if n == "default" or (args.variants is not None and (not words or any(w in n for w in words)))]
+        for name, settings in chosen:
             saved = {a: getattr(decode, a) for a in settings}
             for a, val in settings.items():
                 setattr(decode, a, val)
