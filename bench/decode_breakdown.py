@@ -61,6 +61,9 @@ VARIANTS = {  # name: module settings of hisa.kernels.decode
     "value-range search": {"SELECT_METHOD": 2},
     "5-bit radix search": {"SELECT_METHOD": 5},
     "6-bit radix search": {"SELECT_METHOD": 6},
+    "4-bit radix, packed pass reductions": {"SELECT_METHOD": 13},
+    "5-bit radix, packed pass reductions": {"SELECT_METHOD": 15},
+    "5-bit radix packed, 8 warps in both selecting kernels": {"SELECT_METHOD": 15, "_warps": lambda width: 8},
 }
 
 

@@ -94,11 +94,13 @@ def _search(x, offs, K, RADIX: tl.constexpr):
     key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # int32, ordered like x
     if RADIX == 2:
         gt, eq = _range_search(x, key, valid, K, 64, 8)
-    elif RADIX == 1 or RADIX == 3 or RADIX == 5 or RADIX == 6:
+    elif RADIX == 1 or RADIX == 3 or RADIX == 5 or RADIX == 6 or RADIX >= 10:
         # radix select on the unsigned image of the key, W bits per pass (8: up to 4 histogram passes of 256
         # bins; 4: up to 8 passes of 16 bins, each far cheaper), fewer when the bin holding the k-th largest is
         # kept whole (then the threshold needs no more bits)
-        W: tl.constexpr = 8 if RADIX == 1 else 4 if RADIX == 3 else RADIX  # digit bits (5, 6: experimental)
+        R0: tl.constexpr = RADIX - 10 if RADIX >= 10 else RADIX
+        PACKED: tl.constexpr = RADIX >= 10  # experimental: one packed max per pass instead of four reductions
+        W: tl.constexpr = 8 if R0 == 1 else 4 if R0 == 3 else R0  # digit bits (5, 6: experimental)
         NBINS: tl.constexpr = 1 << W
         NPASS: tl.constexpr = (32 + W - 1) // W
         ukey = key.to(tl.int64) + 2147483648
@@ -106,6 +108,7 @@ def _search(x, offs, K, RADIX: tl.constexpr):
         zero = tl.min(offs, 0) * 0
         prefix = zero.to(tl.int64)
         krem = K + zero
+        tot = zero + offs.shape[0]  # entries matching the prefix decided so far (all in the first pass)
         done = zero
         cut = zero.to(tl.int64)  # the threshold is prefix >> cut, compared with ukey >> cut
         for p in tl.static_range(NPASS):
@@ -117,10 +120,22 @@ def _search(x, offs, K, RADIX: tl.constexpr):
                 digit = ((ukey >> shift) & ((1 << width) - 1)).to(tl.int32)
                 hist = tl.histogram(digit, NBINS, mask=match)
                 cum = tl.cumsum(hist, 0)
-                ge = tl.sum(hist, 0) - cum + hist  # matching entries with digit >= bin
-                d_sel = tl.maximum(tl.max(tl.where(ge >= krem, bins, -1), 0), 0)
-                krem = krem - tl.sum(tl.where(bins > d_sel, hist, 0), 0)
-                in_bin = tl.sum(tl.where(bins == d_sel, hist, 0), 0)
+                if PACKED:
+                    ge = tot - cum + hist  # matching entries with digit >= bin
+                    # the highest bin with ge >= krem (bin 0 when none: fewer entries than K), with the count
+                    # above it and in it, in one reduction: bin << 40 | above << 20 | in bin
+                    packed = ((bins.to(tl.int64) << 40) | ((ge - hist).to(tl.int64) << 20)
+                              | hist.to(tl.int64))
+                    best = tl.max(tl.where((ge >= krem) | (bins == 0), packed, -1), 0)
+                    d_sel = (best >> 40).to(tl.int32)
+                    krem = krem - ((best >> 20) & 0xFFFFF).to(tl.int32)
+                    in_bin = (best & 0xFFFFF).to(tl.int32)
+                    tot = in_bin
+                else:
+                    ge = tl.sum(hist, 0) - cum + hist  # matching entries with digit >= bin
+                    d_sel = tl.maximum(tl.max(tl.where(ge >= krem, bins, -1), 0), 0)
+                    krem = krem - tl.sum(tl.where(bins > d_sel, hist, 0), 0)
+                    in_bin = tl.sum(tl.where(bins == d_sel, hist, 0), 0)
                 prefix = prefix | (d_sel.to(tl.int64) << shift)
                 cut = zero.to(tl.int64) + shift
                 done = (in_bin == krem).to(tl.int32)
@@ -147,9 +162,11 @@ def _search(x, offs, K, RADIX: tl.constexpr):
 @triton.jit
 def _keep_mask(gt, eq, K):
     """The kept entries: all of ``gt``, then those of ``eq`` (ties) in ascending position up to K in all."""
-    need = K - tl.sum(gt.to(tl.int32), 0)  # how many entries equal to the threshold are kept
+    # both counts in one reduction (rows hold at most 2**16 entries)
+    counts = tl.sum(gt.to(tl.int32) * 65536 + eq.to(tl.int32), 0)
+    need = K - (counts >> 16)  # how many entries equal to the threshold are kept
     keep = gt | eq
-    if tl.sum(eq.to(tl.int32), 0) > need:  # ties at the threshold: the lowest columns
+    if (counts & 0xFFFF) > need:  # ties at the threshold: the lowest columns
         keep = gt | (eq & (tl.cumsum(eq.to(tl.int32), 0) <= need))
     return keep
 
