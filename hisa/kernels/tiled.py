@@ -41,7 +41,7 @@ def _tile_attn(
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, smb, smq, smk,
     NSEL, SG, G, NT, t_first, q_start, Lq, Lk, D: tl.constexpr, top_blocks, qk_scale,
     BS: tl.constexpr, HPP: tl.constexpr, DP: tl.constexpr, HAS_MASK: tl.constexpr, TMA: tl.constexpr,
-    PAIR: tl.constexpr,
+    PAIR: tl.constexpr, PREFETCH_IDX: tl.constexpr = False,
 ):
     pid_t = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -110,8 +110,13 @@ def _tile_attn(
         first = nprev - nprev % 2
     else:
         first = 0
+    nxt = tl.load(BLK + row * top_blocks + first, mask=first < nprev, other=0)
     for kb in range(first, nprev):
-        blk = tl.load(BLK + row * top_blocks + kb)
+        if PREFETCH_IDX:  # the index of the next block loaded one iteration ahead (a loop-carried value)
+            blk = nxt
+            nxt = tl.load(BLK + row * top_blocks + kb + 1, mask=kb + 1 < nprev, other=0)
+        else:
+            blk = tl.load(BLK + row * top_blocks + kb)
         tok = (blk * BS + n).to(tl.int64)
         if TMA:  # descriptors over [B, Hkv, Lk, D]: columns past D read as zeros; K and V issued together
             kk = KD.load([b.to(tl.int32), kv, blk * BS, 0]).reshape(BS, DP)
@@ -161,6 +166,7 @@ TILE_SETTINGS_TMA = {64: {"block_m": 128, "num_warps": 8, "num_stages": 2},
                      128: {"block_m": 256, "num_warps": 16, "num_stages": 2}}
 # two kept blocks per step of the online softmax (one max update and accumulator rescale per 2 x block_size keys)
 PAIR_STEPS = os.environ.get("HISA_PAIR_STEPS", "0") == "1"
+PREFETCH_IDX = False  # experimental: the next kept block's index loaded one iteration ahead
 _TMA_ENV = "HISA_TMA"  # "0": pointer loads everywhere
 
 
@@ -272,6 +278,7 @@ def hisa_attention_tiled(q, k, v, pooled, config, *, scale, q_start, mask, out, 
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2), *ms,
         NSEL, SG, G, NT, t_first, q_start, Lq, Lk, D, config.top_blocks, scale * _LOG2E,
         BS=bs, HPP=hpp, DP=DP, HAS_MASK=mask is not None, TMA=tma, PAIR=PAIR_STEPS,
+        PREFETCH_IDX=bool(st.get("prefetch_idx", PREFETCH_IDX)),
         num_warps=warps, num_stages=st["num_stages"],
     )
     return out
