@@ -120,20 +120,18 @@ def prefill_case(L, D, cfg, dtype, check_rows, results, tune):
     row["select_ms"] = bench(lambda: tiled.tile_blocks(q, k, pooled, cfg, 0))
     if tune:
         row["tune"] = {}
-        for bm, nw, ns, *extra in tune:
+        for bm, nw, ns in tune:
             st = {"block_m": bm, "num_warps": nw, "num_stages": ns}
-            if extra:  # a fourth field: 1 = the kept block's index loaded one iteration ahead
-                st["prefetch_idx"] = bool(extra[0])
             o = torch.empty_like(out)
             try:
                 f = lambda: tiled.hisa_attention_tiled(  # noqa: E731
                     q, k, v, pooled, cfg, scale=D**-0.5, q_start=0, mask=None, out=o, settings=st)
                 f()
-                name = "/".join(str(x) for x in (bm, nw, ns, *extra))
+                name = f"{bm}/{nw}/{ns}"
                 row["tune"][name] = bench(f)
                 row["tune"][name + " err vs default"] = rel(o, out)
             except Exception as e:  # noqa: BLE001
-                row["tune"]["/".join(str(x) for x in (bm, nw, ns, *extra))] = repr(e)[:100]
+                row["tune"][f"{bm}/{nw}/{ns}"] = repr(e)[:100]
     best = min((row.get("cudnn_ms") or 1e9), (row.get("flash_ms") or 1e9))
     row["speedup_vs_best_sdpa"] = best / row["hisa_ms"]
     # correctness on the last check_rows queries (a block-aligned suffix: tile selections are per tile)

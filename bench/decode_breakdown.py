@@ -59,11 +59,8 @@ VARIANTS = {  # name: module settings of hisa.kernels.decode
     "partials merged by the last split (no combine launch)": {"COMBINE_LAST_SPARSE": True},
     "8-bit radix search": {"SELECT_METHOD": 1},
     "value-range search": {"SELECT_METHOD": 2},
-    "5-bit radix search": {"SELECT_METHOD": 5},
-    "6-bit radix search": {"SELECT_METHOD": 6},
-    "4-bit radix, packed pass reductions": {"SELECT_METHOD": 13},
-    "5-bit radix, packed pass reductions": {"SELECT_METHOD": 15},
-    "5-bit radix packed, 8 warps in both selecting kernels": {"SELECT_METHOD": 15, "_warps": lambda width: 8},
+    "4-bit radix search": {"SELECT_METHOD": 3},
+    "8 warps in both selecting kernels": {"_warps": lambda width: 8},
 }
 
 

@@ -2,8 +2,8 @@
 
 A Llama-3.2-1B-shaped model with random weights and HISA applied prefills 128k tokens (one forward, last
 position's logits) ``--reps`` times per setting, the settings alternating so that clocks and memory state are
-shared: today's defaults, two kept blocks per online-softmax step in the tile kernel (``tiled.PAIR_STEPS``),
-and the tile selection with the 4-bit radix search (``select.SELECT_METHOD = 3``; value ranges by default).
+shared: today's defaults, the tile kernel with a two-stage pipeline (one kept block in flight instead of two),
+and the tile selection with the 5-bit radix search (``select.SELECT_METHOD = 5``; value ranges by default).
 
     python bench/prefill_variants.py [--tokens 131072] [--reps 4]
 """
@@ -26,9 +26,9 @@ from hisa.patch import _cache_kwarg  # noqa: E402
 
 SETTINGS = {
     "default": {},
-    "paired softmax steps": {(tiled, "PAIR_STEPS"): True},
-    "4-bit radix tile selection": {(select, "SELECT_METHOD"): select.RADIX4},
-    "both": {(tiled, "PAIR_STEPS"): True, (select, "SELECT_METHOD"): select.RADIX4},
+    "two-stage tile pipeline": {(tiled, "TILE_SETTINGS_TMA"): {
+        d: {**st, "num_stages": 2} for d, st in tiled.TILE_SETTINGS_TMA.items()}},
+    "5-bit radix tile selection": {(select, "SELECT_METHOD"): select.RADIX5},
 }
 
 

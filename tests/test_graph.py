@@ -209,7 +209,7 @@ def test_cuda_graph_decode_matches_eager(family, mode, monkeypatch):
 @gpu
 @needs_gpu
 @pytest.mark.parametrize("sparse,variant", [(True, "fused"), (True, "wide"), (True, "combine-last"),
-                                             (True, "range-search"), (True, "radix8"), (True, "compact"),
+                                             (True, "range-search"), (True, "radix8"), (True, "radix4"), (True, "compact"),
                                              (True, "no-pdl"), (False, "fused"), (False, "separate-combine")])
 @pytest.mark.parametrize("G,D", [(1, 64), (4, 64), (7, 128), (8, 128)])
 def test_decode_static_kernel_matches_reference(sparse, variant, G, D, monkeypatch):
@@ -222,8 +222,8 @@ def test_decode_static_kernel_matches_reference(sparse, variant, G, D, monkeypat
     monkeypatch.setattr(decode, "COMBINE_LAST_SPARSE", variant == "combine-last")
     monkeypatch.setattr(decode, "COMPACT_KEPT", variant == "compact")
     monkeypatch.setattr(decode, "PDL", variant != "no-pdl")
-    if variant in ("range-search", "radix8"):
-        monkeypatch.setattr(decode, "SELECT_METHOD", 2 if variant == "range-search" else 1)
+    if variant in ("range-search", "radix8", "radix4"):
+        monkeypatch.setattr(decode, "SELECT_METHOD", {"range-search": 2, "radix8": 1, "radix4": 3}[variant])
     torch.manual_seed(G * 100 + D)
     cfg = HisaConfig(block_size=64, top_blocks=16, top_k=512)
     if G == 7:  # ragged block size, per-head selection, batch 2

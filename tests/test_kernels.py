@@ -96,7 +96,7 @@ def _stable_topk(s, k):
 
 @gpu
 @needs_gpu
-@pytest.mark.parametrize("method", [2, 1, 0, 3])
+@pytest.mark.parametrize("method", [2, 1, 0, 3, 5])
 def test_select_matches_torch_topk(method):
     from hisa.kernels.select import _topk_select_torch, topk_select
 
@@ -120,7 +120,7 @@ def test_select_matches_torch_topk(method):
 
 @gpu
 @needs_gpu
-@pytest.mark.parametrize("method", [2, 1, 0, 3])
+@pytest.mark.parametrize("method", [2, 1, 0, 3, 5])
 def test_select_ties_and_clusters(method):
     """Heavy ties (the lowest columns win), a tight cluster with far outliers, k = n - 1."""
     from hisa.kernels.select import topk_select
@@ -155,7 +155,8 @@ def test_exact_path_matches_reference(G, D, dtype, Lq):
 
 @gpu
 @needs_gpu
-@pytest.mark.parametrize("fused,method", [(True, 2), (False, 2), (True, 1), (False, 1), (True, 0), (True, 3)])
+@pytest.mark.parametrize("fused,method", [(True, 2), (False, 2), (True, 1), (False, 1), (True, 0), (True, 3),
+                                          (True, 5)])
 @pytest.mark.parametrize("selection", ["group", "head"])
 def test_exact_path_default_config_decode(selection, fused, method, monkeypatch):
     from hisa.kernels import exact, select

@@ -47,11 +47,12 @@ STAGE2_BLOCKS = 4  # kept blocks scored per program (at most 256 tokens)
 # long contexts (H200, 128k keys: 74 vs 81 us at head dim 64), costs HISA's 32 short splits ~2 us
 COMBINE_LAST = True  # dense path
 COMBINE_LAST_SPARSE = False
-# the selections' search (select.py): radix with 4-bit digits (16-bin histograms, up to 8 passes). In these
-# one-program-per-row selections it measured faster than 8-bit digits (H200, 128k, one layer in a CUDA graph:
+# the selections' search (select.py): radix with 5-bit digits (32-bin histograms, up to 7 passes). In these
+# one-program-per-row selections 4-bit digits measured faster than 8-bit (H200, 128k, one layer in a CUDA graph:
 # 32.2-33.0 / 38.6-39.3 us at head dim 64 / 128 against 39.9-40.0 / 45.5-46.4): a histogram's per-entry cost
-# grows with its bins
-SELECT_METHOD = select.RADIX4
+# grows with its bins; 5-bit digits save a pass on typical rows and measured 26.4-26.9 / 38.3-39.7 us against
+# 28.5-28.7 / 39.6-39.8 with 4 (6-bit: 29.5 / 41.2)
+SELECT_METHOD = select.RADIX5
 # stage 2 hands the attention its kept tokens as a list with holes (-1 where a candidate was not kept, one
 # coalesced store) instead of compacting them with a prefix sum: the attention's order does not matter
 COMPACT_KEPT = False

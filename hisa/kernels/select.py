@@ -1,14 +1,17 @@
 """Row-wise top-k *selection* (not sorting) in one Triton program per row.
 
 Each row of ``scores`` is held in registers; the k-th largest value is found on the order-preserving
-integer image of the float32 bits, without sorting, by one of four searches (``METHOD``):
+integer image of the float32 bits, without sorting, by one of five searches (``METHOD``):
 
 * ``RADIX``: up to 4 passes of a 256-bin histogram of the key's bytes, stopping once the bin of
   the k-th largest is kept whole.
 * ``RADIX4``: the same with 4-bit digits, up to 8 passes of a 16-bin histogram. A histogram's cost per entry
   grows with its bins (Triton counts with warp ballots per bit and per bin), so the extra passes are cheaper
   than the wide ones: in the graph decode's fused selections one layer took 32-33 / 39 us at head dim 64 / 128
-  instead of 40 / 46 (H200, 128k); the graph decode's default (``decode.SELECT_METHOD``).
+  instead of 40 / 46 (H200, 128k).
+* ``RADIX5``: 5-bit digits, up to 7 passes of a 32-bin histogram: one pass fewer than 4-bit digits on typical
+  rows, and in the graph decode 1.6-2.3 / 0-1.3 us faster per layer at head dim 64 / 128 (H200, 128k; 6-bit
+  digits were slower again); the graph decode's default (``decode.SELECT_METHOD``).
 * ``RANGE`` (default of the eager kernels): passes of a 64-bin histogram over the value range still holding the
   k-th largest (its bounds the smallest and largest value in the previous pass's bin), typically 2-3.
 * ``BISECT``: 32 counting passes of a bisection.
@@ -29,7 +32,7 @@ import triton
 import triton.language as tl
 
 MAX_SELECT_WIDTH = 16384  # wider rows fall back to torch.topk
-BISECT, RADIX, RANGE, RADIX4 = 0, 1, 2, 3  # the threshold searches (module docstring)
+BISECT, RADIX, RANGE, RADIX4, RADIX5 = 0, 1, 2, 3, 5  # the threshold searches (module docstring)
 SELECT_METHOD = RANGE  # the search the kernels use (measured on an H200: docs/kernels.md)
 
 
@@ -88,19 +91,17 @@ def _range_search(x, key, valid, K, NBINS: tl.constexpr, NPASS: tl.constexpr):
 def _search(x, offs, K, RADIX: tl.constexpr):
     """(gt, eq): the finite entries of x above / at the K-th largest one (``eq`` may hold more
     entries than are kept: ties, all of the same value), by the search RADIX: 0 bisection, 1 radix (8-bit
-    digits), 2 value ranges, 3 radix with 4-bit digits (module docstring)."""
+    digits), 2 value ranges, 3 / 5 radix with 4- / 5-bit digits (module docstring)."""
     valid = x > float("-inf")
     bits = x.to(tl.int32, bitcast=True)
     key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # int32, ordered like x
     if RADIX == 2:
         gt, eq = _range_search(x, key, valid, K, 64, 8)
-    elif RADIX == 1 or RADIX == 3 or RADIX == 5 or RADIX == 6 or RADIX >= 10:
+    elif RADIX == 1 or RADIX == 3 or RADIX == 5:
         # radix select on the unsigned image of the key, W bits per pass (8: up to 4 histogram passes of 256
-        # bins; 4: up to 8 passes of 16 bins, each far cheaper), fewer when the bin holding the k-th largest is
-        # kept whole (then the threshold needs no more bits)
-        R0: tl.constexpr = RADIX - 10 if RADIX >= 10 else RADIX
-        PACKED: tl.constexpr = RADIX >= 10  # experimental: one packed max per pass instead of four reductions
-        W: tl.constexpr = 8 if R0 == 1 else 4 if R0 == 3 else R0  # digit bits (5, 6: experimental)
+        # bins; 4 / 5: up to 8 / 7 passes of 16 / 32 bins, each far cheaper), fewer when the bin holding the
+        # k-th largest is kept whole (then the threshold needs no more bits)
+        W: tl.constexpr = 8 if RADIX == 1 else 4 if RADIX == 3 else 5
         NBINS: tl.constexpr = 1 << W
         NPASS: tl.constexpr = (32 + W - 1) // W
         ukey = key.to(tl.int64) + 2147483648
@@ -108,34 +109,21 @@ def _search(x, offs, K, RADIX: tl.constexpr):
         zero = tl.min(offs, 0) * 0
         prefix = zero.to(tl.int64)
         krem = K + zero
-        tot = zero + offs.shape[0]  # entries matching the prefix decided so far (all in the first pass)
         done = zero
         cut = zero.to(tl.int64)  # the threshold is prefix >> cut, compared with ukey >> cut
         for p in tl.static_range(NPASS):
             if done == 0:
                 top: tl.constexpr = 32 - W * p  # bits >= top are decided
-                width: tl.constexpr = W if W < top else top  # the last digit may be narrower
+                width: tl.constexpr = W if W < top else top  # the last digit may be narrower (5 bits: 2)
                 shift: tl.constexpr = top - width
                 match = (ukey >> top) == (prefix >> top)
                 digit = ((ukey >> shift) & ((1 << width) - 1)).to(tl.int32)
                 hist = tl.histogram(digit, NBINS, mask=match)
                 cum = tl.cumsum(hist, 0)
-                if PACKED:
-                    ge = tot - cum + hist  # matching entries with digit >= bin
-                    # the highest bin with ge >= krem (bin 0 when none: fewer entries than K), with the count
-                    # above it and in it, in one reduction: bin << 40 | above << 20 | in bin
-                    packed = ((bins.to(tl.int64) << 40) | ((ge - hist).to(tl.int64) << 20)
-                              | hist.to(tl.int64))
-                    best = tl.max(tl.where((ge >= krem) | (bins == 0), packed, -1), 0)
-                    d_sel = (best >> 40).to(tl.int32)
-                    krem = krem - ((best >> 20) & 0xFFFFF).to(tl.int32)
-                    in_bin = (best & 0xFFFFF).to(tl.int32)
-                    tot = in_bin
-                else:
-                    ge = tl.sum(hist, 0) - cum + hist  # matching entries with digit >= bin
-                    d_sel = tl.maximum(tl.max(tl.where(ge >= krem, bins, -1), 0), 0)
-                    krem = krem - tl.sum(tl.where(bins > d_sel, hist, 0), 0)
-                    in_bin = tl.sum(tl.where(bins == d_sel, hist, 0), 0)
+                ge = tl.sum(hist, 0) - cum + hist  # matching entries with digit >= bin
+                d_sel = tl.maximum(tl.max(tl.where(ge >= krem, bins, -1), 0), 0)
+                krem = krem - tl.sum(tl.where(bins > d_sel, hist, 0), 0)
+                in_bin = tl.sum(tl.where(bins == d_sel, hist, 0), 0)
                 prefix = prefix | (d_sel.to(tl.int64) << shift)
                 cut = zero.to(tl.int64) + shift
                 done = (in_bin == krem).to(tl.int32)

@@ -41,7 +41,6 @@ def _tile_attn(
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, smb, smq, smk,
     NSEL, SG, G, NT, t_first, q_start, Lq, Lk, D: tl.constexpr, top_blocks, qk_scale,
     BS: tl.constexpr, HPP: tl.constexpr, DP: tl.constexpr, HAS_MASK: tl.constexpr, TMA: tl.constexpr,
-    PAIR: tl.constexpr, PREFETCH_IDX: tl.constexpr = False,
 ):
     pid_t = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -69,54 +68,14 @@ def _tile_attn(
     n = tl.arange(0, BS)
     row = bu.to(tl.int64) * NT + pid_t
     nkept = tl.minimum(top_blocks, t_abs + 1)
-    # blocks before the tile's own block: fully visible, complete; PAIR: two per step (one running-max update
-    # and one rescale of the accumulator per 2 x BS keys instead of per BS)
+    # blocks before the tile's own block: fully visible, complete
     nprev = nkept - 1
-    if PAIR:
-        for kp in range(0, nprev // 2):
-            ba = tl.load(BLK + row * top_blocks + 2 * kp)
-            bb = tl.load(BLK + row * top_blocks + 2 * kp + 1)
-            if TMA:
-                ka = KD.load([b.to(tl.int32), kv, ba * BS, 0]).reshape(BS, DP)
-                va = VD.load([b.to(tl.int32), kv, ba * BS, 0]).reshape(BS, DP)
-                kb_ = KD.load([b.to(tl.int32), kv, bb * BS, 0]).reshape(BS, DP)
-                vb = VD.load([b.to(tl.int32), kv, bb * BS, 0]).reshape(BS, DP)
-            else:
-                ta = (ba * BS + n).to(tl.int64)
-                tb = (bb * BS + n).to(tl.int64)
-                ka = tl.load(kbase + ta[:, None] * skt + d[None, :], mask=dmask, other=0.0)
-                kb_ = tl.load(kbase + tb[:, None] * skt + d[None, :], mask=dmask, other=0.0)
-                va = tl.load(vbase + ta[:, None] * svt + d[None, :], mask=dmask, other=0.0)
-                vb = tl.load(vbase + tb[:, None] * svt + d[None, :], mask=dmask, other=0.0)
-            sa = tl.dot(q, tl.trans(ka))
-            sb = tl.dot(q, tl.trans(kb_))
-            if HAS_MASK:
-                ta = (ba * BS + n).to(tl.int64)
-                tb = (bb * BS + n).to(tl.int64)
-                mva = tl.load(MASK + b * smb + i[:, None].to(tl.int64) * smq + ta[None, :] * smk,
-                              mask=row_ok[:, None], other=0)
-                mvb = tl.load(MASK + b * smb + i[:, None].to(tl.int64) * smq + tb[None, :] * smk,
-                              mask=row_ok[:, None], other=0)
-                sa = tl.where(mva != 0, sa, float("-inf"))
-                sb = tl.where(mvb != 0, sb, float("-inf"))
-            m_new = tl.maximum(m_i, tl.maximum(tl.max(sa, 1), tl.max(sb, 1)) * qk_scale)
-            alpha = tl.math.exp2(m_i - m_new)
-            pa = tl.math.exp2(sa * qk_scale - m_new[:, None])
-            pb = tl.math.exp2(sb * qk_scale - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(pa, 1) + tl.sum(pb, 1)
-            acc = acc * alpha[:, None] + tl.dot(pa.to(va.dtype), va)
-            acc += tl.dot(pb.to(vb.dtype), vb)
-            m_i = m_new
-        first = nprev - nprev % 2
-    else:
-        first = 0
-    nxt = tl.load(BLK + row * top_blocks + first, mask=first < nprev, other=0)
-    for kb in range(first, nprev):
-        if PREFETCH_IDX:  # the index of the next block loaded one iteration ahead (a loop-carried value)
-            blk = nxt
-            nxt = tl.load(BLK + row * top_blocks + kb + 1, mask=kb + 1 < nprev, other=0)
-        else:
-            blk = tl.load(BLK + row * top_blocks + kb)
+    # the next block's index is loaded one iteration ahead (a loop-carried value): the software pipeliner then
+    # issues the TMA copies num_stages - 1 blocks ahead, not one block ahead behind an index load
+    nxt = tl.load(BLK + row * top_blocks, mask=nprev > 0, other=0)
+    for kb in range(0, nprev):
+        blk = nxt
+        nxt = tl.load(BLK + row * top_blocks + kb + 1, mask=kb + 1 < nprev, other=0)
         tok = (blk * BS + n).to(tl.int64)
         if TMA:  # descriptors over [B, Hkv, Lk, D]: columns past D read as zeros; K and V issued together
             kk = KD.load([b.to(tl.int32), kv, blk * BS, 0]).reshape(BS, DP)
@@ -139,7 +98,10 @@ def _tile_attn(
     # the tile's own block: causal inside, possibly partial at the end of the keys
     tok = (t_abs * BS + n).to(tl.int64)
     tok_ok = tok < Lk
-    kk = tl.load(kbase + tok[:, None] * skt + d[None, :], mask=tok_ok[:, None] & dmask, other=0.0)
+    if TMA:  # rows past the keys (the descriptor's bounds) read as zeros
+        kk = KD.load([b.to(tl.int32), kv, t_abs * BS, 0]).reshape(BS, DP)
+    else:
+        kk = tl.load(kbase + tok[:, None] * skt + d[None, :], mask=tok_ok[:, None] & dmask, other=0.0)
     s = tl.dot(q, tl.trans(kk))
     vis = (tok[None, :] <= qpos[:, None]) & tok_ok[None, :]
     if HAS_MASK:
@@ -151,7 +113,10 @@ def _tile_attn(
     alpha = tl.math.exp2(m_i - m_new)
     p = tl.math.exp2(s * qk_scale - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    vv = tl.load(vbase + tok[:, None] * svt + d[None, :], mask=tok_ok[:, None] & dmask, other=0.0)
+    if TMA:
+        vv = VD.load([b.to(tl.int32), kv, t_abs * BS, 0]).reshape(BS, DP)
+    else:
+        vv = tl.load(vbase + tok[:, None] * svt + d[None, :], mask=tok_ok[:, None] & dmask, other=0.0)
     acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(O + b * sob + h[:, None] * soh + i[:, None].to(tl.int64) * sot + d[None, :],
@@ -160,13 +125,12 @@ def _tile_attn(
 
 # (rows per program, warps, pipeline stages). Pointer loads: chosen by bench/attention.py --tune on an H100
 # (128/8/2 best at head dims 64 and 128). TMA loads, by head dim (<= 64, larger): measured on an H200 at 128k
-# keys (docs/benchmarks.md): 128/8/2 and 256/16/2 (at D 64, 256 rows were 24 % slower; at D 128, 128 rows 33 %).
+# keys (docs/benchmarks.md): 128/8/3 and 256/16/3 (at D 64, 256 rows were 15-24 % slower; at D 128, 128 rows
+# 19-33 %); with the block index loaded one iteration ahead, 3 stages keep two blocks in flight (2 stages: 3-5 %
+# slower).
 TILE_SETTINGS = {"block_m": 128, "num_warps": 8, "num_stages": 2}
-TILE_SETTINGS_TMA = {64: {"block_m": 128, "num_warps": 8, "num_stages": 2},
-                     128: {"block_m": 256, "num_warps": 16, "num_stages": 2}}
-# two kept blocks per step of the online softmax (one max update and accumulator rescale per 2 x block_size keys)
-PAIR_STEPS = os.environ.get("HISA_PAIR_STEPS", "0") == "1"
-PREFETCH_IDX = False  # experimental: the next kept block's index loaded one iteration ahead
+TILE_SETTINGS_TMA = {64: {"block_m": 128, "num_warps": 8, "num_stages": 3},
+                     128: {"block_m": 256, "num_warps": 16, "num_stages": 3}}
 _TMA_ENV = "HISA_TMA"  # "0": pointer loads everywhere
 
 
@@ -277,8 +241,7 @@ def hisa_attention_tiled(q, k, v, pooled, config, *, scale, q_start, mask, out, 
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2), *ms,
         NSEL, SG, G, NT, t_first, q_start, Lq, Lk, D, config.top_blocks, scale * _LOG2E,
-        BS=bs, HPP=hpp, DP=DP, HAS_MASK=mask is not None, TMA=tma, PAIR=PAIR_STEPS,
-        PREFETCH_IDX=bool(st.get("prefetch_idx", PREFETCH_IDX)),
+        BS=bs, HPP=hpp, DP=DP, HAS_MASK=mask is not None, TMA=tma,
         num_warps=warps, num_stages=st["num_stages"],
     )
     return out
