@@ -14,9 +14,10 @@ Sparse (HISA, the reference's per-query semantics), for R = B x units selection 
    program selects the top ``top_k`` and maps them to key indices.
 3. ``exact._sparse_attn``  split-K attention over the kept tokens, then ``exact._combine``.
 
-On sm_90+ (``PDL``) the launches after the first are programmatic dependent launches: each kernel lets the
-next one start at its beginning, and the next one's programs wait (``gdc_wait``) only before reading what
-it wrote, so the launch latency hides behind the previous kernel's selection.
+On sm_90+ (``PDL``, head dims up to ``PDL_MAX_HEAD_DIM``) the launches after the first are programmatic
+dependent launches: each kernel lets the next one start at its beginning, and the next one's programs wait
+(``gdc_wait``) only before reading what it wrote, so the launch latency hides behind the previous kernel's
+selection.
 
 A selection step is a latency chain of block-wide reductions in one program; running it in the scoring
 kernel's last program saves a launch and the wait for it. Rows whose stage-1 width exceeds
@@ -62,7 +63,11 @@ HOLES_TILE = 128  # its attention programs take 4 warps up to head dim 64, 8 abo
 CHUNK_KERNEL = True
 CHUNK_BLOCK_T = 64
 STATIC_SLICE = 512  # blocks per program in the first level of the wide-row path's stage 1
-PDL = True  # programmatic dependent launches in the fused sparse path where the GPU has them (sm_90+)
+# programmatic dependent launches in the fused sparse path, where the GPU has them (sm_90+), up to this head dim:
+# H200, 128k, one layer in a CUDA graph: 26.2-27.0 vs 28.0-28.6 us at head dim 64, but 38.4-40.5 vs 37.5-39.8
+# at 128 (alternating runs)
+PDL = True
+PDL_MAX_HEAD_DIM = 64
 
 
 @triton.jit
@@ -342,7 +347,7 @@ def hisa_decode_static(q, k, v, pooled, length, config, *, scale, sparse, out):
     nbp = np1 * slice1
     w2p = max(16, triton.next_power_of_2(TB * bs))
     if FUSED_STATIC and nbp <= FUSED_MAX_BLOCKS and w2p <= FUSED_MAX_BLOCKS and TB <= nbp:
-        pdl = PDL and pdl_supported(dev)
+        pdl = PDL and D <= PDL_MAX_HEAD_DIM and pdl_supported(dev)
         cnt = counters(dev, 2 * R)
         s1 = torch.empty(R, nbp, dtype=torch.float32, device=dev)
         blk = torch.empty(R, TB, dtype=torch.int32, device=dev)
