@@ -13,18 +13,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.e2e import build_model  # noqa: E402
-from hisa import HisaConfig, apply_hisa, new_cache  # noqa: E402
+from bench.prefill_variants import report, time_settings  # noqa: E402
 from hisa import cache as cache_mod  # noqa: E402
 from hisa.kernels import tiled  # noqa: E402
-from hisa.patch import _cache_kwarg  # noqa: E402
 
 
 def torch_tile_sums(q, bs: int, q_start: int, SG: int):
@@ -46,29 +43,10 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=131072)
     ap.add_argument("--reps", type=int, default=4)
     args = ap.parse_args()
-    kernel_sums, append_min = tiled._tile_sums, cache_mod.APPEND_KERNEL_MIN
-    model = build_model(args.tokens + 64)
-    apply_hisa(model, HisaConfig())
-    ids = torch.randint(0, 128256, (1, args.tokens), generator=torch.Generator().manual_seed(0)).cuda()
-    settings = {"new": (True, True), "old": (False, False), "append only": (True, False), "sums only": (False, True)}
-    times: dict[str, list[float]] = {k: [] for k in settings}
-    with torch.no_grad():
-        for _ in range(args.reps):
-            for label, (append, sums) in settings.items():
-                cache_mod.APPEND_KERNEL_MIN = append_min if append else 1 << 60
-                tiled._tile_sums = kernel_sums if sums else torch_tile_sums
-                cache = new_cache(model, args.tokens + 64)
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                out = model(ids, use_cache=True, logits_to_keep=1, **{_cache_kwarg(model): cache})
-                out.logits[:, -1].argmax(-1).item()
-                times[label].append(time.perf_counter() - t0)
-                del cache, out
-                torch.cuda.empty_cache()
-    cache_mod.APPEND_KERNEL_MIN, tiled._tile_sums = append_min, kernel_sums
-    print(f"# {torch.cuda.get_device_name()}, {args.tokens} tokens")
-    for label, ts in times.items():
-        print(f"{label}: best {min(ts):.4f} s, all {[round(t, 4) for t in ts]}")
+    old_append = {(cache_mod, "APPEND_KERNEL_MIN"): 1 << 60}
+    old_sums = {(tiled, "_tile_sums"): torch_tile_sums}
+    settings = {"new": {}, "old": {**old_append, **old_sums}, "append only": old_sums, "sums only": old_append}
+    report(time_settings(settings, args.tokens, args.reps, warmup=0), args.tokens)
 
 
 if __name__ == "__main__":

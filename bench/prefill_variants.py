@@ -32,37 +32,48 @@ SETTINGS = {
 }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokens", type=int, default=131072)
-    ap.add_argument("--reps", type=int, default=4)
-    args = ap.parse_args()
-    model = build_model(args.tokens + 64)
+def time_settings(settings: dict, tokens: int, reps: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds of one 128k-style prefill (a 1B-shaped model, HISA applied) per setting, the settings alternating
+    round by round; a setting maps (module, attribute) to the value it has while its forward runs. The first
+    ``warmup`` rounds (compilation) are not kept."""
+    model = build_model(tokens + 64)
     apply_hisa(model, HisaConfig())
-    ids = torch.randint(0, 128256, (1, args.tokens), generator=torch.Generator().manual_seed(0)).cuda()
-    times: dict[str, list[float]] = {k: [] for k in SETTINGS}
+    ids = torch.randint(0, 128256, (1, tokens), generator=torch.Generator().manual_seed(0)).cuda()
+    times: dict[str, list[float]] = {k: [] for k in settings}
     with torch.no_grad():
-        for _ in range(args.reps + 1):  # the first round compiles
-            for label, settings in SETTINGS.items():
-                saved = {key: getattr(*key) for key in settings}
-                for (mod, attr), val in settings.items():
+        for rnd in range(reps + warmup):
+            for label, setting in settings.items():
+                saved = {key: getattr(*key) for key in setting}
+                for (mod, attr), val in setting.items():
                     setattr(mod, attr, val)
                 try:
-                    cache = new_cache(model, args.tokens + 64)
+                    cache = new_cache(model, tokens + 64)
                     torch.cuda.synchronize()
                     t0 = time.perf_counter()
                     out = model(ids, use_cache=True, logits_to_keep=1, **{_cache_kwarg(model): cache})
                     out.logits[:, -1].argmax(-1).item()
-                    times[label].append(time.perf_counter() - t0)
+                    if rnd >= warmup:
+                        times[label].append(time.perf_counter() - t0)
                 finally:
                     for (mod, attr), val in saved.items():
                         setattr(mod, attr, val)
                 del cache, out
                 torch.cuda.empty_cache()
-    print(f"# {torch.cuda.get_device_name()}, {args.tokens} tokens")
+    return times
+
+
+def report(times: dict[str, list[float]], tokens: int) -> None:
+    print(f"# {torch.cuda.get_device_name()}, {tokens} tokens")
     for label, ts in times.items():
-        ts = ts[1:]
         print(f"{label}: best {min(ts):.4f} s, all {[round(t, 4) for t in ts]}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=131072)
+    ap.add_argument("--reps", type=int, default=4)
+    args = ap.parse_args()
+    report(time_settings(SETTINGS, args.tokens, args.reps), args.tokens)
 
 
 if __name__ == "__main__":
