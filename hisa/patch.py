@@ -92,7 +92,11 @@ def _install_cache_hooks(model) -> None:
         if inputs is None:
             inputs = kwargs.get("inputs_embeds")
         n_tokens = inputs.shape[1] if isinstance(inputs, torch.Tensor) and inputs.dim() >= 2 else 0
-        with fused.prefill_fusion(model, n_tokens):  # long forwards: fused elementwise kernels
+        keep = kwargs.get("output_hidden_states")
+        if keep is None:
+            keep = getattr(model.config, "output_hidden_states", False)
+        # long forwards: fused elementwise kernels, residual additions inside the output projections
+        with fused.prefill_fusion(model, n_tokens, keep_hidden_states=bool(keep)):
             return original_forward(*args, **kwargs)
 
     model.forward = forward

@@ -454,6 +454,60 @@ def test_fused_elementwise_is_the_same_math_cpu(family):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
+def _layer_outputs(model, run):
+    """Copies of every decoder layer's output taken as it returns (a fused layer's buffer is reused by the
+    next layer, so a reference kept by a hook would change), and ``run()``'s result."""
+    captured, ptrs = [], []
+    layers = model.model.layers
+    saved = [layer.__dict__.get("forward") for layer in layers]
+    for layer in layers:
+        f = layer.forward
+        layer.forward = lambda *a, f=f, **k: (lambda r: captured.append(r.clone()) or ptrs.append(r.data_ptr())
+                                                  or r)(f(*a, **k))
+    try:
+        return captured, run(), ptrs
+    finally:
+        for layer, old in zip(layers, saved):
+            layer.__dict__.pop("forward")
+            if old is not None:
+                layer.forward = old
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral"])
+def test_residual_fusion_cpu(family):
+    """The residual additions done by the output projections' matrix products (in place on a buffer passed
+    from layer to layer) give the model's layer outputs and logits; the caller's embeddings are not modified;
+    with autograd on, or with hooks on a layer, the layers run their own code."""
+    from hisa.fused import fused_elementwise
+
+    model = tiny_model(family)
+    ids = torch.randint(0, 256, (2, 17))
+    layers = model.model.layers
+    with torch.inference_mode():
+        emb = model.model.embed_tokens(ids)
+        emb_before = emb.clone()
+        want, ref, _ = _layer_outputs(model, lambda: model(inputs_embeds=emb).logits)
+        with fused_elementwise(model, "eager", residual=True):
+            assert all("forward" in layer.__dict__ for layer in layers)
+            got, out, ptrs = _layer_outputs(model, lambda: model(inputs_embeds=emb).logits)
+        assert len(set(ptrs)) == 1 and ptrs[0] != emb.data_ptr()  # one residual buffer, not the caller's
+        assert not any("forward" in m.__dict__ for m in model.modules())
+        assert torch.equal(emb, emb_before)
+        assert len(got) == len(want) == len(layers)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    handle = layers[0].register_forward_hook(lambda *a: None)
+    with fused_elementwise(model, "eager", residual=True):
+        assert "forward" not in layers[0].__dict__ and "forward" in layers[1].__dict__
+    handle.remove()
+    with fused_elementwise(model, "eager", residual=True):  # autograd on: the layers' own code
+        out = model(input_ids=ids).logits
+        out.sum().backward()
+    assert layers[0].self_attn.o_proj.weight.grad is not None
+    torch.testing.assert_close(out.detach(), ref, atol=1e-5, rtol=1e-5)
+
+
 def test_out_of_memory_while_recording_is_raised_not_disabling(monkeypatch):
     """An out-of-memory error while recording reaches the caller (which fails the request and frees memory);
     other recording errors turn graphs off and decode eagerly."""

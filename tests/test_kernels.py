@@ -108,6 +108,15 @@ def test_select_matches_torch_topk(method):
         want_nv = _topk_select_torch(s[:, :n], kk, nv, None, 1)
         assert torch.equal(topk_select(s, kk, n=n, method=method), want), (R, n, kk, method)
         assert torch.equal(topk_select(s, kk, n=n, nvis=nv, method=method), want_nv), (R, n, kk, method)
+    # prefill-style visibility growing along the rows (2 x 1200 tiles): narrower programs for the early rows
+    from hisa.kernels.select import _width_bands
+
+    for nv, n in (((0, 64, 1200, 64), 1200), ((128, 64, 1200, 64), 1210), ((3, 1, 900, 1), 1000)):
+        assert len(_width_bands(n, nv)) >= 3
+        s = torch.randn(2 * nv[2], n + 5, device="cuda")
+        s[1, ::3] = float("-inf")
+        assert torch.equal(topk_select(s, 64, n=n, nvis=nv, method=method),
+                           _topk_select_torch(s[:, :n], 64, nv, None, 1)), (nv, method)
     s = torch.randn(6, 128, device="cuda")
     s[0] = float("-inf")
     s[0, 7] = 0.0
@@ -431,3 +440,38 @@ def test_prefill_fusion_in_a_patched_model(monkeypatch):
         ref = model(input_ids=ids).logits
         assert len(calls) == 2
     assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
+
+
+@gpu
+@needs_gpu
+def test_prefill_residual_fusion_and_hidden_states(monkeypatch):
+    """Long forwards add the residuals inside the output projections (one buffer passed from layer to layer);
+    a forward asked for its hidden states keeps the layers' own additions, so every returned state is right."""
+    import transformers
+
+    from hisa import apply_hisa, fused
+
+    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=3,
+                                   num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
+    apply_hisa(model, HisaConfig(min_context=0))
+    ids = torch.randint(0, 512, (1, 700), device="cuda")
+    addmm = []
+    real = torch.Tensor.addmm_
+    monkeypatch.setattr(torch.Tensor, "addmm_", lambda self, *a, **k: addmm.append(1) or real(self, *a, **k))
+    with torch.inference_mode():
+        out = model(input_ids=ids).logits
+        assert len(addmm) == 2 * 3  # attention output and down projection of each layer
+        hidden = model(input_ids=ids, output_hidden_states=True)
+        assert len(addmm) == 6
+        monkeypatch.setattr(fused, "FUSE_RESIDUAL", False)
+        ref = model(input_ids=ids, output_hidden_states=True)
+        monkeypatch.setenv("HISA_FUSED_PREFILL", "0")
+        eager = model(input_ids=ids, output_hidden_states=True)
+    rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()  # noqa: E731
+    assert rel(out, ref.logits) < 1e-2 and rel(out, eager.logits) < 1e-2
+    assert len(hidden.hidden_states) == len(eager.hidden_states) == 4
+    for a, b in zip(hidden.hidden_states, eager.hidden_states):
+        assert rel(a, b) < 1e-2
+    assert all(torch.equal(a, b) for a, b in zip(hidden.hidden_states, ref.hidden_states))
