@@ -186,15 +186,18 @@ def _select_holes(x, offs, K, OUT_ROW, val, RADIX: tl.constexpr):
     tl.store(OUT_ROW + offs, tl.where(keep, val, -1).to(tl.int32))
 
 
-@triton.jit(do_not_specialize=["N", "pos0", "L_inner", "nvis_bs"])
+@triton.jit(do_not_specialize=["N", "pos0", "L_inner", "nvis_bs", "inner0"])
 def _select_kernel(
     S, stride_s, N, K, OUT, stride_o,
     MAP, stride_map, map_bs,
-    pos0, pos_step, L_inner, nvis_bs, POS_BASE,
+    pos0, pos_step, L_inner, nvis_bs, POS_BASE, inner0,
     BLOCK: tl.constexpr, KP: tl.constexpr, HAS_NVIS: tl.constexpr, HAS_MAP: tl.constexpr,
-    RADIX: tl.constexpr, HAS_POS_BASE: tl.constexpr,
+    RADIX: tl.constexpr, HAS_POS_BASE: tl.constexpr, INNER_GRID: tl.constexpr = False,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    if INNER_GRID:  # grid (inner rows inner0 ..., outer): a band of rows whose visible widths fit BLOCK
+        row = tl.program_id(1).to(tl.int64) * L_inner + inner0 + tl.program_id(0)
+    else:
+        row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     x = tl.load(S + row * stride_s + offs, mask=offs < N, other=float("-inf"))
     if HAS_NVIS:
@@ -211,6 +214,36 @@ def _select_kernel(
     else:
         val = offs
     _select_core(x, offs, K, OUT + row * stride_o, val, BLOCK, KP, RADIX, OUT, False)
+
+
+BAND_MIN_WIDTH = 256  # rows whose visible columns fit in fewer than this share the narrowest band
+
+
+def _width_bands(n: int, nvis):
+    """With per-row visibility growing along the inner row index (prefill: tile or query t sees
+    (pos0 + t * pos_step) // bs + 1 columns), the inner rows split into bands by the power of two holding
+    their visible width: [(first inner row, end, width)], or None when one launch at the full width is as
+    good (selection cost grows with the width a program holds)."""
+    if nvis is None:
+        return None
+    pos0, pos_step, L_inner, bs = nvis
+    full = max(16, triton.next_power_of_2(n))
+    if pos_step <= 0 or L_inner < 2 or full <= BAND_MIN_WIDTH:
+        return None
+    bands, i0 = [], 0
+    while i0 < L_inner:
+        w0 = min(n, (pos0 + i0 * pos_step) // bs + 1)
+        width = max(BAND_MIN_WIDTH, triton.next_power_of_2(max(w0, 1)))
+        if width >= full:
+            bands.append((i0, L_inner, full))
+            break
+        # rows up to the last whose visible width still fits: (pos0 + i * pos_step) // bs + 1 <= width
+        i1 = min(L_inner, max(i0 + 1, (width * bs - 1 - pos0) // pos_step + 1))
+        bands.append((i0, i1, width))
+        i0 = i1
+    if len(bands) == 1:
+        return None
+    return bands
 
 
 def _warps(block: int) -> int:
@@ -252,14 +285,17 @@ def topk_select(
     pos0, pos_step, L_inner, nbs = nvis if nvis is not None else (0, 0, 1, 1)
     has_map = block_map is not None
     mp = block_map if has_map else out
-    _select_kernel[(R,)](
-        scores, scores.stride(0), n, k, out, out.stride(0),
-        mp, mp.stride(0), map_bs,
-        pos0, pos_step, L_inner, nbs, pos_base if pos_base is not None else out,
-        BLOCK=block, KP=max(16, triton.next_power_of_2(k)), HAS_NVIS=nvis is not None, HAS_MAP=has_map,
-        RADIX=SELECT_METHOD if method is None else method, HAS_POS_BASE=pos_base is not None,
-        num_warps=_warps(block),
-    )
+    args = (scores, scores.stride(0), n, k, out, out.stride(0), mp, mp.stride(0), map_bs,
+            pos0, pos_step, L_inner, nbs, pos_base if pos_base is not None else out)
+    meta = dict(KP=max(16, triton.next_power_of_2(k)), HAS_NVIS=nvis is not None, HAS_MAP=has_map,
+                RADIX=SELECT_METHOD if method is None else method, HAS_POS_BASE=pos_base is not None)
+    bands = _width_bands(n, nvis) if pos_base is None and R % L_inner == 0 else None
+    if bands is None:
+        _select_kernel[(R,)](*args, 0, BLOCK=block, num_warps=_warps(block), **meta)
+        return out
+    for i0, i1, width in bands:  # rows that see fewer columns run in narrower programs
+        _select_kernel[(i1 - i0, R // L_inner)](*args, i0, BLOCK=width, num_warps=_warps(width), INNER_GRID=True,
+                                               **meta)
     return out
 
 
