@@ -57,42 +57,61 @@ def rms_norm(x, weight, eps: float):
     return y.view(x.shape)
 
 
-@triton.jit(do_not_specialize=["L"])  # any prompt length, one compiled kernel
-def _rope_kernel(X, C, S, Y, L, H, sxb, sxh, sxl, syb, syh, syl, scb, scl, ssb, ssl,
-                 D: tl.constexpr, HB: tl.constexpr):
-    bl = tl.program_id(0)
-    b = (bl // L).to(tl.int64)
-    pos = (bl % L).to(tl.int64)
-    h = tl.program_id(1) * HB + tl.arange(0, HB)
-    d = tl.arange(0, D)
+@triton.jit
+def _rope_heads(X, Y, b, pos, sxb, sxh, sxl, syb, syh, syl, H, c, s, ok, D: tl.constexpr, HP: tl.constexpr):
+    """Rotary embedding of one token's H heads (rows of D): x * cos + rotate_half(x) * sin, rounded as the
+    eager code rounds (after each product and after the sum)."""
     half: tl.constexpr = D // 2
-    m = (h[:, None] < H) & (d[None, :] < D)
+    h = tl.arange(0, HP)
+    d = tl.arange(0, D)
     rot = tl.where(d < half, d + half, d - half)
+    m = (h[:, None] < H) & ok
     xb = X + b * sxb + pos * sxl + h[:, None].to(tl.int64) * sxh
     x = tl.load(xb + d[None, :], mask=m, other=0.0)
     xr = tl.load(xb + rot[None, :], mask=m, other=0.0)
     xr = tl.where(d[None, :] < half, -xr, xr)  # rotate_half: exact
-    c = tl.load(C + b * scb + pos * scl + d)
-    s = tl.load(S + b * ssb + pos * ssl + d)
     dt = X.dtype.element_ty
-    a = _rounded(x.to(tl.float32) * c.to(tl.float32)[None, :], dt)
-    r = _rounded(xr.to(tl.float32) * s.to(tl.float32)[None, :], dt)
-    y = (a + r).to(dt)
-    tl.store(Y + b * syb + pos * syl + h[:, None].to(tl.int64) * syh + d[None, :], y, mask=m)
+    a = _rounded(x.to(tl.float32) * c[None, :], dt)
+    r = _rounded(xr.to(tl.float32) * s[None, :], dt)
+    tl.store(Y + b * syb + pos * syl + h[:, None].to(tl.int64) * syh + d[None, :], (a + r).to(dt), mask=m)
 
 
-def _rope_one(x, cos, sin):
-    B, H, L, D = x.shape
-    y = torch.empty_like(x)
-    if y.numel():
+@triton.jit(do_not_specialize=["L", "NTOK"])  # any prompt length, one compiled kernel
+def _rope_kernel(Q, K, C, S, YQ, YK, L, NTOK, HQ, HK,
+                 sqb, sqh, sql, skb, skh, skl, syqb, syqh, syql, sykb, sykh, sykl, scb, scl, ssb, ssl,
+                 D: tl.constexpr, HQP: tl.constexpr, HKP: tl.constexpr, TOK: tl.constexpr):
+    """TOK consecutive tokens (of B x L) per program, the queries' and the keys' heads of each."""
+    d = tl.arange(0, D)
+    for t in tl.static_range(TOK):
+        bl = tl.program_id(0) * TOK + t
+        ok = bl < NTOK
+        b = (bl // L).to(tl.int64)
+        pos = (bl % L).to(tl.int64)
+        c = tl.load(C + b * scb + pos * scl + d, mask=ok, other=0.0).to(tl.float32)
+        s = tl.load(S + b * ssb + pos * ssl + d, mask=ok, other=0.0).to(tl.float32)
+        _rope_heads(Q, YQ, b, pos, sqb, sqh, sql, syqb, syqh, syql, HQ, c, s, ok, D, HQP)
+        _rope_heads(K, YK, b, pos, skb, skh, skl, sykb, sykh, sykl, HK, c, s, ok, D, HKP)
+
+
+ROPE_TOKENS = 4  # tokens per program (H200, 128k tokens, 32 + 8 heads of 64: 0.45 ms vs 0.56 for one token
+# per program in two launches, one for the queries and one for the keys)
+
+
+def _rope_qk(q, k, cos, sin):
+    B, HQ, L, D = q.shape
+    HK = k.shape[1]
+    yq, yk = torch.empty_like(q), torch.empty_like(k)
+    ntok = B * L
+    if ntok:
         cb = cos.stride(0) if cos.shape[0] > 1 else 0
         sb = sin.stride(0) if sin.shape[0] > 1 else 0
-        hb = min(triton.next_power_of_2(H), max(1, 2048 // D))
-        _rope_kernel[(B * L, triton.cdiv(H, hb))](
-            x, cos, sin, y, L, H, x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2),
-            cb, cos.stride(1), sb, sin.stride(1), D=D, HB=hb, num_warps=4,
+        hqp, hkp = triton.next_power_of_2(HQ), triton.next_power_of_2(HK)
+        _rope_kernel[(triton.cdiv(ntok, ROPE_TOKENS),)](
+            q, k, cos, sin, yq, yk, L, ntok, HQ, HK, *q.stride()[:3], *k.stride()[:3], *yq.stride()[:3],
+            *yk.stride()[:3], cb, cos.stride(1), sb, sin.stride(1),
+            D=D, HQP=hqp, HKP=hkp, TOK=ROPE_TOKENS, num_warps=4 if hqp * D <= 4096 else 8,
         )
-    return y
+    return yq, yk
 
 
 def rope(q, k, cos, sin, unsqueeze_dim=1):
@@ -100,11 +119,12 @@ def rope(q, k, cos, sin, unsqueeze_dim=1):
           and q.dtype in (torch.bfloat16, torch.float16) and k.dtype == q.dtype == cos.dtype == sin.dtype
           and cos.shape == sin.shape and cos.shape[-1] == q.shape[-1] == k.shape[-1]
           and q.shape[-1] % 2 == 0 and q.shape[-1] == triton.next_power_of_2(q.shape[-1])
-          and cos.shape[0] in (1, q.shape[0]) and cos.shape[1] == q.shape[2] == k.shape[2]
+          and cos.shape[0] in (1, q.shape[0]) and k.shape[0] == q.shape[0]
+          and cos.shape[1] == q.shape[2] == k.shape[2]
           and q.stride(-1) == 1 and k.stride(-1) == 1 and cos.stride(-1) == 1 and sin.stride(-1) == 1)
     if not ok:
         return fused.rope(q, k, cos, sin, unsqueeze_dim)
-    return _rope_one(q, cos, sin), _rope_one(k, cos, sin)
+    return _rope_qk(q, k, cos, sin)
 
 
 @triton.jit
