@@ -120,18 +120,18 @@ def prefill_case(L, D, cfg, dtype, check_rows, results, tune):
     row["select_ms"] = bench(lambda: tiled.tile_blocks(q, k, pooled, cfg, 0))
     if tune:
         row["tune"] = {}
-        for bm, nw, ns in tune:
-            st = {"block_m": bm, "num_warps": nw, "num_stages": ns}
+        for bm, nw, ns, *cf in tune:
+            st = {"block_m": bm, "num_warps": nw, "num_stages": ns, **({"chunk_fast": bool(cf[0])} if cf else {})}
             o = torch.empty_like(out)
             try:
                 f = lambda: tiled.hisa_attention_tiled(  # noqa: E731
                     q, k, v, pooled, cfg, scale=D**-0.5, q_start=0, mask=None, out=o, settings=st)
                 f()
-                name = f"{bm}/{nw}/{ns}"
+                name = "/".join(str(x) for x in (bm, nw, ns, *cf))
                 row["tune"][name] = bench(f)
                 row["tune"][name + " err vs default"] = rel(o, out)
             except Exception as e:  # noqa: BLE001
-                row["tune"][f"{bm}/{nw}/{ns}"] = repr(e)[:100]
+                row["tune"]["/".join(str(x) for x in (bm, nw, ns, *cf))] = repr(e)[:100]
     best = min((row.get("cudnn_ms") or 1e9), (row.get("flash_ms") or 1e9))
     row["speedup_vs_best_sdpa"] = best / row["hisa_ms"]
     # correctness on the last check_rows queries (a block-aligned suffix: tile selections are per tile)
@@ -271,7 +271,7 @@ def main(argv=None):
     ap.add_argument("--top-k", type=int, default=None)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--check-rows", type=int, default=256)
-    ap.add_argument("--tune", default="", help="tile settings to try, e.g. 128/8/2,64/4/3")
+    ap.add_argument("--tune", default="", help="tile settings to try, rows/warps/stages[/chunk_fast 0|1], e.g. 128/8/2,128/8/3/1")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if not kernels.AVAILABLE:

@@ -41,9 +41,14 @@ def _tile_attn(
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, smb, smq, smk,
     NSEL, SG, G, NT, t_first, q_start, Lq, Lk, D: tl.constexpr, top_blocks, qk_scale,
     BS: tl.constexpr, HPP: tl.constexpr, DP: tl.constexpr, HAS_MASK: tl.constexpr, TMA: tl.constexpr,
+    CHUNK_FAST: tl.constexpr = False,
 ):
-    pid_t = tl.program_id(0)
-    pid_c = tl.program_id(1)
+    if CHUNK_FAST:  # a tile's head chunks are neighbours in the launch order: they read the same kept blocks
+        pid_c = tl.program_id(0)
+        pid_t = tl.program_id(1)
+    else:
+        pid_t = tl.program_id(0)
+        pid_c = tl.program_id(1)
     bu = tl.program_id(2)
     b = (bu // NSEL).to(tl.int64)
     u = bu % NSEL
@@ -131,6 +136,9 @@ def _tile_attn(
 TILE_SETTINGS = {"block_m": 128, "num_warps": 8, "num_stages": 2}
 TILE_SETTINGS_TMA = {64: {"block_m": 128, "num_warps": 8, "num_stages": 3},
                      128: {"block_m": 256, "num_warps": 16, "num_stages": 3}}
+# launch order: the head chunks of one tile next to each other (they share every kept K/V block) instead of
+# the tiles of one head chunk; settings key "chunk_fast" overrides
+CHUNK_FAST = True
 _TMA_ENV = "HISA_TMA"  # "0": pointer loads everywhere
 
 
@@ -235,13 +243,15 @@ def hisa_attention_tiled(q, k, v, pooled, config, *, scale, q_start, mask, out, 
         kd, vd = (TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, bs, DP]) for t in (k, v))
     m_arg = mask if mask is not None else blk
     ms = (mask.stride(0), mask.stride(2), mask.stride(3)) if mask is not None else (0, 0, 0)
-    grid = (NT, triton.cdiv(SG, hpp), B * NSEL)
+    nchunk = triton.cdiv(SG, hpp)
+    chunk_fast = bool(st.get("chunk_fast", CHUNK_FAST)) and nchunk > 1 and NT < 65536
+    grid = (nchunk, NT, B * NSEL) if chunk_fast else (NT, nchunk, B * NSEL)
     _tile_attn[grid](
         q, k, v, kd, vd, blk, out, m_arg,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2), *ms,
         NSEL, SG, G, NT, t_first, q_start, Lq, Lk, D, config.top_blocks, scale * _LOG2E,
-        BS=bs, HPP=hpp, DP=DP, HAS_MASK=mask is not None, TMA=tma,
+        BS=bs, HPP=hpp, DP=DP, HAS_MASK=mask is not None, TMA=tma, CHUNK_FAST=chunk_fast,
         num_warps=warps, num_stages=st["num_stages"],
     )
     return out
