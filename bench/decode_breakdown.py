@@ -61,6 +61,9 @@ VARIANTS = {  # name: module settings of hisa.kernels.decode
     "value-range search": {"SELECT_METHOD": 2},
     "4-bit radix search": {"SELECT_METHOD": 3},
     "8 warps in both selecting kernels": {"_warps": lambda width: 8},
+    "stage 2 with 2 kept blocks per program": {"STAGE2_BLOCKS": 2},
+    "stage 1 with 256 pooled keys per program": {"STAGE1_SLICE": 256},
+    "stage 1 with 64 pooled keys per program": {"STAGE1_SLICE": 64},
 }
 
 

@@ -2,8 +2,9 @@
 
 A Llama-3.2-1B-shaped model with random weights and HISA applied prefills 128k tokens (one forward, last
 position's logits) ``--reps`` times per setting, the settings alternating so that clocks and memory state are
-shared: today's defaults, the tile kernel with a two-stage pipeline (one kept block in flight instead of two),
-and the tile selection with the 5-bit radix search (``select.SELECT_METHOD = 5``; value ranges by default).
+shared: today's defaults, the residual additions as separate passes (``fused.FUSE_RESIDUAL`` off), the tile
+kernel launched tile-major within a head chunk (``tiled.CHUNK_FAST`` off), and the tile selection in one launch at
+the full width instead of bands of rows by visible width (``select.BAND_MIN_WIDTH``).
 
     python bench/prefill_variants.py [--tokens 131072] [--reps 4]
 """
@@ -20,15 +21,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.e2e import build_model  # noqa: E402
-from hisa import HisaConfig, apply_hisa, new_cache  # noqa: E402
+from hisa import HisaConfig, apply_hisa, fused, new_cache  # noqa: E402
 from hisa.kernels import select, tiled  # noqa: E402
 from hisa.patch import _cache_kwarg  # noqa: E402
 
 SETTINGS = {
     "default": {},
-    "two-stage tile pipeline": {(tiled, "TILE_SETTINGS_TMA"): {
-        d: {**st, "num_stages": 2} for d, st in tiled.TILE_SETTINGS_TMA.items()}},
-    "5-bit radix tile selection": {(select, "SELECT_METHOD"): select.RADIX5},
+    "separate residual adds": {(fused, "FUSE_RESIDUAL"): False},
+    "tile launch order: the tiles of a head chunk adjacent": {(tiled, "CHUNK_FAST"): False},
+    "tile selection in one launch (no width bands)": {(select, "BAND_MIN_WIDTH"): 1 << 30},
 }
 
 
