@@ -121,7 +121,8 @@ def prefill_case(L, D, cfg, dtype, check_rows, results, tune):
     if tune:
         row["tune"] = {}
         for bm, nw, ns, *cf in tune:
-            st = {"block_m": bm, "num_warps": nw, "num_stages": ns, **({"chunk_fast": bool(cf[0])} if cf else {})}
+            st = {"block_m": bm, "num_warps": nw, "num_stages": ns, **({"chunk_fast": bool(cf[0])} if cf else {}),
+                  **({"maxnreg": cf[1]} if len(cf) > 1 else {})}
             o = torch.empty_like(out)
             try:
                 f = lambda: tiled.hisa_attention_tiled(  # noqa: E731
@@ -271,7 +272,7 @@ def main(argv=None):
     ap.add_argument("--top-k", type=int, default=None)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--check-rows", type=int, default=256)
-    ap.add_argument("--tune", default="", help="tile settings to try, rows/warps/stages[/chunk_fast 0|1], e.g. 128/8/2,128/8/3/1")
+    ap.add_argument("--tune", default="", help="tile settings to try, rows/warps/stages[/chunk_fast 0|1[/max registers]], e.g. 128/8/2,128/8/3/1/128")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if not kernels.AVAILABLE:
