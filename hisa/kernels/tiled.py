@@ -128,16 +128,17 @@ def _tile_attn(
              out.to(O.dtype.element_ty), mask=row_ok[:, None] & dmask)
 
 
-# (rows per program, warps, pipeline stages). Pointer loads: chosen by bench/attention.py --tune on an H100
-# (128/8/2 best at head dims 64 and 128). TMA loads, by head dim (<= 64, larger): measured on an H200 at 128k
-# keys (docs/benchmarks.md): 128/8/3 and 256/16/3 (at D 64, 256 rows were 15-24 % slower; at D 128, 128 rows
-# 19-33 %); with the block index loaded one iteration ahead, 3 stages keep two blocks in flight (2 stages: 3-5 %
-# slower).
+# (rows per program, warps, pipeline stages[, register cap]). Pointer loads: chosen by bench/attention.py --tune on
+# an H100 (128/8/2 best at head dims 64 and 128). TMA loads, by head dim (<= 64, larger): measured on an H200 at
+# 128k keys (docs/benchmarks.md). "maxnreg" caps the registers per thread so that two 8-warp programs share an SM
+# (uncapped the kernel takes 186 at head dim 64: one program per SM); the spills (124 bytes) fall outside the main
+# loop. Head dim 64: 128 rows / 8 warps / 3 stages (the block index loaded one iteration ahead, 3 stages keep two
+# blocks in flight), capped: 11.08-11.18 vs 11.34-11.49 ms uncapped. Head dim 128: 128 rows / 8 warps / 2 stages
+# capped (two programs' shared memory fit an SM with 2 stages, not 3): 18.06-18.22 vs 18.23-18.64 ms for the
+# previous 256 rows / 16 warps / 3 stages (uncapped 128-row programs were 15-33 % slower). Outputs bit-identical.
 TILE_SETTINGS = {"block_m": 128, "num_warps": 8, "num_stages": 2}
-# "maxnreg" caps the registers per thread: at 128 two 8-warp programs fit on an SM (186 uncapped: one), the
-# spills (124 bytes) fall outside the main loop; H200 128k D 64: 11.08 vs 11.34 ms, TTFT 0.611 vs 0.614 s mean
 TILE_SETTINGS_TMA = {64: {"block_m": 128, "num_warps": 8, "num_stages": 3, "maxnreg": 128},
-                     128: {"block_m": 256, "num_warps": 16, "num_stages": 3}}
+                     128: {"block_m": 128, "num_warps": 8, "num_stages": 2, "maxnreg": 128}}
 # launch order: the head chunks of one tile next to each other (they share every kept K/V block) instead of
 # the tiles of one head chunk; settings key "chunk_fast" overrides
 CHUNK_FAST = True
