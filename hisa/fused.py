@@ -36,7 +36,7 @@ ATTENTIONS = {"LlamaAttention", "Qwen2Attention", "Qwen3Attention", "MistralAtte
 PREFILL_MIN_TOKENS = 256  # forwards with fewer tokens keep the eager elementwise code
 # long forwards add the residuals inside the output projections' matrix products (:func:`_residual_layer`;
 # H200, 128k-token prefill of the 1B shape: 2-7 ms less per forward in alternating runs)
-FUSE_RESIDUAL = os.environ.get("HISA_FUSE_RESIDUAL", "1") != "0"
+FUSE_RESIDUAL = True  # HISA_FUSE_RESIDUAL=0 (read per forward) turns it off too
 # long forwards: the q/k/v projections as one matrix product each. Off: H200, 128k-token prefill of the 1B shape,
 # 0.6262 s joined vs 0.6232 s separate (alternating runs); gate/up are never joined there (one [tokens,
 # 2 x intermediate] product measured slower than two, and its halves are not contiguous for the SiLU-gate)
@@ -301,5 +301,5 @@ def prefill_fusion(model, n_tokens: int, *, keep_hidden_states: bool = False):
 
     if _triton_backend() is None:
         return contextlib.nullcontext()
-    return fused_elementwise(model, "triton", join_projections=JOIN_PREFILL, join_mlp=False,
-                             residual=FUSE_RESIDUAL and not keep_hidden_states)
+    residual = FUSE_RESIDUAL and os.environ.get("HISA_FUSE_RESIDUAL", "1") != "0" and not keep_hidden_states
+    return fused_elementwise(model, "triton", join_projections=JOIN_PREFILL, join_mlp=False, residual=residual)
