@@ -13,7 +13,7 @@ block_size queries, so one gathered K/V block feeds a [HPP*bs, D] x [D, bs] tens
 kept blocks other than the own block are fully visible and need no mask; the own block comes last.
 On Hopper and later GPUs the kept blocks are fetched with the tensor memory accelerator (TMA: one
 descriptor per K and V, a [block_size, D] box at the block's row): 5 % faster at head dim 64 and, with
-256-row programs, 29 % faster at head dim 128 than pointer loads (H200, 128k keys); there the programs are
+256-row programs, 29 % faster at head dim 128 than pointer loads (H200, 128k keys). With TMA the programs are
 held to 128 registers per thread so that two share an SM (``TILE_SETTINGS_TMA``).
 """
 
