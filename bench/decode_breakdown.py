@@ -53,8 +53,10 @@ def _kernel_times(fn, sets, reps=20) -> dict[str, float]:
 VARIANTS = {  # name: module settings of hisa.kernels.decode
     "default": {},
     "plain launches (no programmatic dependent launch)": {"PDL": False},
+    "programmatic dependent launches up to head dim 64 only": {"PDL_MAX_HEAD_DIM": 64},
     "compacted kept list": {"COMPACT_KEPT": True},
-    "holes, 64-token attention tiles": {"HOLES_TILE": 64},
+    "holes, 64-token attention tiles": {"HOLES_TILE": 64, "HOLES_TILE_LARGE_D": 64},
+    "holes, 128-token attention tiles": {"HOLES_TILE": 128, "HOLES_TILE_LARGE_D": 128},
     "16 warps in both selecting kernels": {"_warps": lambda width: 16},
     "partials merged by the last split (no combine launch)": {"COMBINE_LAST_SPARSE": True},
     "8-bit radix search": {"SELECT_METHOD": 1},

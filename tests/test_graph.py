@@ -222,7 +222,6 @@ def test_decode_static_kernel_matches_reference(sparse, variant, G, D, monkeypat
     monkeypatch.setattr(decode, "COMBINE_LAST_SPARSE", variant == "combine-last")
     monkeypatch.setattr(decode, "COMPACT_KEPT", variant == "compact")
     monkeypatch.setattr(decode, "PDL", variant != "no-pdl")
-    monkeypatch.setattr(decode, "PDL_MAX_HEAD_DIM", 256)  # both head dims through the dependent launches
     if variant in ("range-search", "radix8", "radix4"):
         monkeypatch.setattr(decode, "SELECT_METHOD", {"range-search": 2, "radix8": 1, "radix4": 3}[variant])
     torch.manual_seed(G * 100 + D)

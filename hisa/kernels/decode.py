@@ -14,7 +14,7 @@ Sparse (HISA, the reference's per-query semantics), for R = B x units selection 
    program selects the top ``top_k`` and maps them to key indices.
 3. ``exact._sparse_attn``  split-K attention over the kept tokens, then ``exact._combine``.
 
-On sm_90+ (``PDL``, head dims up to ``PDL_MAX_HEAD_DIM``) the launches after the first are programmatic
+On sm_90+ (``PDL``) the launches after the first are programmatic
 dependent launches: each kernel lets the next one start at its beginning, and the next one's programs wait
 (``gdc_wait``) only before reading what it wrote, so the launch latency hides behind the previous kernel's
 selection.
@@ -57,17 +57,22 @@ SELECT_METHOD = select.RADIX5
 # stage 2 hands the attention its kept tokens as a list with holes (-1 where a candidate was not kept, one
 # coalesced store) instead of compacting them with a prefix sum: the attention's order does not matter
 COMPACT_KEPT = False
-HOLES_TILE = 128  # its attention programs take 4 warps up to head dim 64, 8 above (H200: 4 spill at 128)
+# keys per attention program (one tile per split), by head dim: 128 up to 64 (4 warps), 64 above (8 warps; 4
+# spill at 128). Head dim 128 with 64-key tiles and dependent launches: 34.5-34.7 vs 36.1-36.2 us a layer at
+# 128k (H200, alternating rounds; either change alone measured no gain: 36.6 / 36.8); head dim 64 with 64-key
+# tiles: 29.2 vs 26.2
+HOLES_TILE = 128
+HOLES_TILE_LARGE_D = 64
 # a chunk step's dense attention (a follow-up question's 16 queries) with all query rows of a unit in one
 # program (_chunk_attn); False: one row per query (each re-reads every K/V row: H200, 32k keys, 242 us a layer)
 CHUNK_KERNEL = True
 CHUNK_BLOCK_T = 64
 STATIC_SLICE = 512  # blocks per program in the first level of the wide-row path's stage 1
 # programmatic dependent launches in the fused sparse path, where the GPU has them (sm_90+), up to this head dim:
-# H200, 128k, one layer in a CUDA graph: 26.2-27.0 vs 28.0-28.6 us at head dim 64, but 38.4-40.5 vs 37.5-39.8
-# at 128 (alternating runs)
+# H200, 128k, one layer in a CUDA graph: 26.2-27.0 vs 28.0-28.6 us at head dim 64; at 128 they pay only with
+# the 64-key attention tiles (HOLES_TILE_LARGE_D; with 128-key tiles 36.8 vs 36.1 us)
 PDL = True
-PDL_MAX_HEAD_DIM = 64
+PDL_MAX_HEAD_DIM = 1 << 30
 
 
 @triton.jit
@@ -372,7 +377,8 @@ def hisa_decode_static(q, k, v, pooled, length, config, *, scale, sparse, out):
         if COMPACT_KEPT:
             return _attend(q, k, v, idx, out, n_idx=TK, scale=scale, pdl=pdl, **common)
         # twice the entries, half of them holes: tiles of 128 keep one tile per split
-        return _attend(q, k, v, idx, out, n_idx=TB * bs, scale=scale, block_t=HOLES_TILE,
+        return _attend(q, k, v, idx, out, n_idx=TB * bs, scale=scale,
+                       block_t=HOLES_TILE if DP <= 64 else HOLES_TILE_LARGE_D,
                        warps=4 if DP <= 64 else 8, pdl=pdl, **common)
     # very wide rows: stage 1 in two levels (the top TB of each slice of blocks, then the top TB of those)
     BPP = max(1, 128 // BSP)
