@@ -16,15 +16,18 @@ from .. import fused
 
 @triton.jit
 def _rounded(x, DT: tl.constexpr):
-    """float32 x rounded (to nearest even) to the precision of DT (bf16 or fp16), as a float32. Integer
-    arithmetic on the bits: a conversion to DT and back may be folded away by the compiler, which would skip
-    the rounding the eager code does between two operations. (fp16: exact for results in fp16's normal range.)"""
-    b = x.to(tl.int32, bitcast=True)
+    """float32 x rounded (to nearest even) to the precision of DT (bf16 or fp16), as a float32: the hardware
+    conversion (``cvt.rn``) in inline assembly, which the compiler cannot fold away the way it may fold a plain
+    conversion to DT and back (skipping the rounding the eager code does between two operations). The same
+    rounding as PyTorch's conversion, fp16 subnormals and overflow included. bf16: two values per instruction
+    (sm_80+, as bf16 itself); fp16: one (every GPU Triton supports)."""
     if DT == tl.bfloat16:
-        b = (b + 0x7FFF + ((b >> 16) & 1)) & -65536
+        y = tl.inline_asm_elementwise("cvt.rn.bf16x2.f32 $0, $2, $1;", "=r,f,f", [x], dtype=tl.bfloat16,
+                                      is_pure=True, pack=2)
     else:
-        b = (b + 0xFFF + ((b >> 13) & 1)) & -8192
-    return b.to(tl.float32, bitcast=True)
+        y = tl.inline_asm_elementwise("cvt.rn.f16.f32 $0, $1;", "=h,f", [x], dtype=tl.float16,
+                                      is_pure=True, pack=1)
+    return y.to(tl.float32)
 
 
 @triton.jit
@@ -58,22 +61,24 @@ def rms_norm(x, weight, eps: float):
 
 
 @triton.jit
-def _rope_heads(X, Y, b, pos, sxb, sxh, sxl, syb, syh, syl, H, c, s, ok, D: tl.constexpr, HP: tl.constexpr):
+def _rope_heads(X, Y, b, pos, sxb, sxh, sxl, syb, syh, syl, H, c1, c2, s1, s2, ok, D: tl.constexpr,
+                HP: tl.constexpr):
     """Rotary embedding of one token's H heads (rows of D): x * cos + rotate_half(x) * sin, rounded as the
-    eager code rounds (after each product and after the sum)."""
+    eager code rounds (after each product and after the sum). Each row is read and written as its two halves
+    (contiguous loads; rotate_half(x) = [-x2, x1]); c1/c2, s1/s2 are the halves of cos and sin."""
     half: tl.constexpr = D // 2
     h = tl.arange(0, HP)
-    d = tl.arange(0, D)
-    rot = tl.where(d < half, d + half, d - half)
+    e = tl.arange(0, half)[None, :]
     m = (h[:, None] < H) & ok
     xb = X + b * sxb + pos * sxl + h[:, None].to(tl.int64) * sxh
-    x = tl.load(xb + d[None, :], mask=m, other=0.0)
-    xr = tl.load(xb + rot[None, :], mask=m, other=0.0)
-    xr = tl.where(d[None, :] < half, -xr, xr)  # rotate_half: exact
+    x1 = tl.load(xb + e, mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(xb + half + e, mask=m, other=0.0).to(tl.float32)
     dt = X.dtype.element_ty
-    a = _rounded(x.to(tl.float32) * c[None, :], dt)
-    r = _rounded(xr.to(tl.float32) * s[None, :], dt)
-    tl.store(Y + b * syb + pos * syl + h[:, None].to(tl.int64) * syh + d[None, :], (a + r).to(dt), mask=m)
+    y1 = _rounded(_rounded(x1 * c1[None, :], dt) + _rounded(-x2 * s1[None, :], dt), dt)
+    y2 = _rounded(_rounded(x2 * c2[None, :], dt) + _rounded(x1 * s2[None, :], dt), dt)
+    yb = Y + b * syb + pos * syl + h[:, None].to(tl.int64) * syh
+    tl.store(yb + e, y1.to(dt), mask=m)
+    tl.store(yb + half + e, y2.to(dt), mask=m)
 
 
 @triton.jit(do_not_specialize=["L", "NTOK"])  # any prompt length, one compiled kernel
@@ -81,16 +86,21 @@ def _rope_kernel(Q, K, C, S, YQ, YK, L, NTOK, HQ, HK,
                  sqb, sqh, sql, skb, skh, skl, syqb, syqh, syql, sykb, sykh, sykl, scb, scl, ssb, ssl,
                  D: tl.constexpr, HQP: tl.constexpr, HKP: tl.constexpr, TOK: tl.constexpr):
     """TOK consecutive tokens (of B x L) per program, the queries' and the keys' heads of each."""
-    d = tl.arange(0, D)
+    half: tl.constexpr = D // 2
+    e = tl.arange(0, half)
     for t in tl.static_range(TOK):
         bl = tl.program_id(0) * TOK + t
         ok = bl < NTOK
         b = (bl // L).to(tl.int64)
         pos = (bl % L).to(tl.int64)
-        c = tl.load(C + b * scb + pos * scl + d, mask=ok, other=0.0).to(tl.float32)
-        s = tl.load(S + b * ssb + pos * ssl + d, mask=ok, other=0.0).to(tl.float32)
-        _rope_heads(Q, YQ, b, pos, sqb, sqh, sql, syqb, syqh, syql, HQ, c, s, ok, D, HQP)
-        _rope_heads(K, YK, b, pos, skb, skh, skl, sykb, sykh, sykl, HK, c, s, ok, D, HKP)
+        cb = C + b * scb + pos * scl
+        sb = S + b * ssb + pos * ssl
+        c1 = tl.load(cb + e, mask=ok, other=0.0).to(tl.float32)
+        c2 = tl.load(cb + half + e, mask=ok, other=0.0).to(tl.float32)
+        s1 = tl.load(sb + e, mask=ok, other=0.0).to(tl.float32)
+        s2 = tl.load(sb + half + e, mask=ok, other=0.0).to(tl.float32)
+        _rope_heads(Q, YQ, b, pos, sqb, sqh, sql, syqb, syqh, syql, HQ, c1, c2, s1, s2, ok, D, HQP)
+        _rope_heads(K, YK, b, pos, skb, skh, skl, sykb, sykh, sykl, HK, c1, c2, s1, s2, ok, D, HKP)
 
 
 ROPE_TOKENS = 4  # tokens per program (H200, 128k tokens, 32 + 8 heads of 64: 0.45 ms vs 0.56 for one token
