@@ -210,10 +210,12 @@ def test_cuda_graph_decode_matches_eager(family, mode, monkeypatch):
 @needs_gpu
 @pytest.mark.parametrize("sparse,variant", [(True, "fused"), (True, "wide"), (True, "combine-last"),
                                              (True, "range-search"), (True, "radix8"), (True, "radix4"), (True, "compact"),
-                                             (True, "no-pdl"), (False, "fused"), (False, "separate-combine")])
+                                             (True, "no-pdl"), (True, "no-counted-digit"), (False, "fused"),
+                                             (False, "separate-combine")])
 @pytest.mark.parametrize("G,D", [(1, 64), (4, 64), (7, 128), (8, 128)])
 def test_decode_static_kernel_matches_reference(sparse, variant, G, D, monkeypatch):
-    """Both sparse paths (three fused launches, with and without programmatic dependent launches; the wide-row
+    """Both sparse paths (three fused launches, with and without programmatic dependent launches, with and
+    without the selections' first key digits counted by the scoring programs; the wide-row
     path), both combines, the kept-token list compacted or with holes, and the searches, against the spec."""
     from hisa.kernels import decode
 
@@ -222,6 +224,10 @@ def test_decode_static_kernel_matches_reference(sparse, variant, G, D, monkeypat
     monkeypatch.setattr(decode, "COMBINE_LAST_SPARSE", variant == "combine-last")
     monkeypatch.setattr(decode, "COMPACT_KEPT", variant == "compact")
     monkeypatch.setattr(decode, "PDL", variant != "no-pdl")
+    if variant == "no-counted-digit":
+        monkeypatch.setattr(decode, "STAGE1_PRE_BITS", 0)
+        monkeypatch.setattr(decode, "STAGE2_PRE_BITS", 0)
+        monkeypatch.setattr(decode, "STAGE2_PRE_BITS_LARGE_D", 0)
     if variant in ("range-search", "radix8", "radix4"):
         monkeypatch.setattr(decode, "SELECT_METHOD", {"range-search": 2, "radix8": 1, "radix4": 3}[variant])
     torch.manual_seed(G * 100 + D)

@@ -38,7 +38,7 @@ from .exact import (
     _LOG2E, _arrive, _attend, _load_selector, _pdl_args, _split_plan, _token_scores, counters, gdc_launch_dependents,
     gdc_wait, pdl_supported,
 )
-from .select import _select_core, _select_holes
+from .select import _select_core, _select_holes, ukey_top
 
 FUSED_STATIC = True  # the three-launch sparse decode; False: the previous six-launch path
 FUSED_MAX_BLOCKS = 8192  # widest stage-1 row (pooled keys) the fused path selects in one program
@@ -57,6 +57,15 @@ SELECT_METHOD = select.RADIX5
 # stage 2 hands the attention its kept tokens as a list with holes (-1 where a candidate was not kept, one
 # coalesced store) instead of compacting them with a prefix sum: the attention's order does not matter
 COMPACT_KEPT = False
+# the selections take their first key bits (of the radix searches' unsigned keys) from a histogram that the
+# scoring programs count with relaxed atomics, so the selecting program starts with those bits decided: two or
+# three 5-bit histogram passes fewer for 10 / 12 bits, one scan of 1024 / 4096 counts instead. H100, 128k, one
+# layer in a CUDA graph, alternating rounds (two runs): head dim 64 25.6-25.9 us with 10 bits in both stages,
+# 25.9-26.3 with 12 in stage 2, 27.3-27.5 without; head dim 128 33.7-33.9 with 10 / 12, 34.6-34.9 with 10 / 10,
+# 36.5-36.6 without. 5 or 8 bits were slower (the atomics pile onto a few counters). 0: off
+STAGE1_PRE_BITS = 10
+STAGE2_PRE_BITS = 10  # head dim <= 64
+STAGE2_PRE_BITS_LARGE_D = 12
 # keys per attention program (one tile per split), by head dim: 128 up to 64 (4 warps), 64 above (8 warps; 4
 # spill at 128). Head dim 128 with 64-key tiles and dependent launches: 34.5-34.7 vs 36.1-36.2 us a layer at
 # 128k (H200, alternating rounds; either change alone measured no gain: 36.6 / 36.8); head dim 64 with 64-key
@@ -110,7 +119,7 @@ def _stage1_fused(
     Q, P, S1, BLK, CNT, LENP, sqb, sqh, spb, sph, spn,
     NSEL, SG, G, D, bs, TB, NB, NP,
     SGP: tl.constexpr, DP: tl.constexpr, DC: tl.constexpr, SLICE: tl.constexpr, NBP: tl.constexpr,
-    KP: tl.constexpr, METHOD: tl.constexpr, PDL: tl.constexpr = False,
+    KP: tl.constexpr, METHOD: tl.constexpr, PDL: tl.constexpr = False, HIST=None, PRE: tl.constexpr = 0,
 ):
     if PDL:  # stage 2 may launch now; its programs wait for this kernel before reading BLK
         gdc_launch_dependents()
@@ -120,10 +129,18 @@ def _stage1_fused(
                             SGP, DP, DC, SLICE)
     srow = S1 + row.to(tl.int64) * NBP
     tl.store(srow + offs, x)
+    if PRE > 0:  # count the first digit of the selection's search here, spread over the row's programs
+        hrow = HIST + row.to(tl.int64) * (1 << PRE)
+        tl.atomic_add(hrow + ukey_top(x, PRE), 1, sem="relaxed", scope="gpu")
     if _arrive(CNT + row, NP):
         cols = tl.arange(0, NBP)
         xs = tl.load(srow + cols, cache_modifier=".cg")
-        _select_core(xs, cols, TB, BLK + row.to(tl.int64) * TB, cols, NBP, KP, METHOD, BLK, False)
+        if PRE > 0:
+            _select_core(xs, cols, TB, BLK + row.to(tl.int64) * TB, cols, NBP, KP, METHOD, BLK, False, hrow, PRE, 0)
+            tl.debug_barrier()
+            tl.store(hrow + tl.arange(0, 1 << PRE), tl.zeros([1 << PRE], tl.int32))  # zero for the next launch
+        else:
+            _select_core(xs, cols, TB, BLK + row.to(tl.int64) * TB, cols, NBP, KP, METHOD, BLK, False)
 
 
 @triton.jit
@@ -132,6 +149,7 @@ def _stage2_fused(
     NSEL, SG, G, D, bs, TB, TK, scale, NP,
     SGP: tl.constexpr, DP: tl.constexpr, BSP: tl.constexpr, BPP: tl.constexpr, W2P: tl.constexpr,
     KP: tl.constexpr, METHOD: tl.constexpr, COMPACT: tl.constexpr, PDL: tl.constexpr = False,
+    HIST=None, PRE: tl.constexpr = 0,
 ):
     if PDL:
         gdc_launch_dependents()
@@ -159,6 +177,9 @@ def _stage2_fused(
     s = tl.where(ok, s, float("-inf"))
     srow = S2 + row.to(tl.int64) * W2P
     tl.store(srow + slot * bs + within, s, mask=in_range)
+    if PRE > 0:  # count the first digit of the selection's search here, spread over the row's programs
+        hrow = HIST + row.to(tl.int64) * (1 << PRE)
+        tl.atomic_add(hrow + ukey_top(s, PRE), 1, mask=in_range, sem="relaxed", scope="gpu")
     if _arrive(CNT + row, NP):
         cols = tl.arange(0, W2P)
         live = cols < TB * bs
@@ -167,6 +188,10 @@ def _stage2_fused(
         val = bl * bs + cols % bs
         if COMPACT:
             _select_core(xs, cols, TK, IDX + row.to(tl.int64) * TK, val, W2P, KP, METHOD, IDX, False)
+        elif PRE > 0:
+            _select_holes(xs, cols, TK, IDX + row.to(tl.int64) * W2P, val, METHOD, hrow, PRE, W2P - TB * bs)
+            tl.debug_barrier()
+            tl.store(hrow + tl.arange(0, 1 << PRE), tl.zeros([1 << PRE], tl.int32))  # zero for the next launch
         else:
             _select_holes(xs, cols, TK, IDX + row.to(tl.int64) * W2P, val, METHOD)
 
@@ -353,7 +378,11 @@ def hisa_decode_static(q, k, v, pooled, length, config, *, scale, sparse, out):
     w2p = max(16, triton.next_power_of_2(TB * bs))
     if FUSED_STATIC and nbp <= FUSED_MAX_BLOCKS and w2p <= FUSED_MAX_BLOCKS and TB <= nbp:
         pdl = PDL and D <= PDL_MAX_HEAD_DIM and pdl_supported(dev)
-        cnt = counters(dev, 2 * R)
+        radix = method in (select.RADIX, select.RADIX4, select.RADIX5)
+        pre1 = STAGE1_PRE_BITS if radix else 0
+        pre = (STAGE2_PRE_BITS if DP <= 64 else STAGE2_PRE_BITS_LARGE_D) if radix and not COMPACT_KEPT else 0
+        h2 = 2 * R + (R << pre if pre else 0)  # counters: stage 1 / stage 2 arrivals, stage 2 / 1 histograms
+        cnt = counters(dev, h2 + (R << pre1 if pre1 else 0))
         s1 = torch.empty(R, nbp, dtype=torch.float32, device=dev)
         blk = torch.empty(R, TB, dtype=torch.int32, device=dev)
         _stage1_fused[(R, np1)](
@@ -362,6 +391,7 @@ def hisa_decode_static(q, k, v, pooled, length, config, *, scale, sparse, out):
             NSEL, SG, G, D, bs, TB, NB, np1,
             SGP=SGP, DP=DP, DC=16, SLICE=slice1, NBP=nbp, KP=max(16, triton.next_power_of_2(TB)),
             METHOD=method, num_warps=_warps(nbp), **(dict(PDL=True) if pdl else {}),
+            **(dict(HIST=cnt[h2:], PRE=pre1) if pre1 else {}),
         )
         bpp = max(1, min(STAGE2_BLOCKS, 256 // BSP))
         np2 = triton.cdiv(TB, bpp)
@@ -373,6 +403,7 @@ def hisa_decode_static(q, k, v, pooled, length, config, *, scale, sparse, out):
             NSEL, SG, G, D, bs, TB, TK, scale, np2,
             SGP=SGP, DP=DP, BSP=BSP, BPP=bpp, W2P=w2p, KP=max(16, triton.next_power_of_2(TK)),
             METHOD=method, COMPACT=COMPACT_KEPT, num_warps=_warps(w2p), **_pdl_args(pdl),
+            **(dict(HIST=cnt[2 * R:], PRE=pre) if pre else {}),
         )
         if COMPACT_KEPT:
             return _attend(q, k, v, idx, out, n_idx=TK, scale=scale, pdl=pdl, **common)

@@ -88,10 +88,23 @@ def _range_search(x, key, valid, K, NBINS: tl.constexpr, NPASS: tl.constexpr):
 
 
 @triton.jit
-def _search(x, offs, K, RADIX: tl.constexpr):
+def ukey_top(x, PRE: tl.constexpr):
+    """The top PRE bits of the radix searches' unsigned key of float32 x (the first digit of :func:`_search`
+    with a counted first digit)."""
+    bits = x.to(tl.int32, bitcast=True)
+    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    return ((key.to(tl.int64) + 2147483648) >> (32 - PRE)).to(tl.int32)
+
+
+@triton.jit
+def _search(x, offs, K, RADIX: tl.constexpr, HIST=None, PRE: tl.constexpr = 0, NPAD=0):
     """(gt, eq): the finite entries of x above / at the K-th largest one (``eq`` may hold more
     entries than are kept: ties, all of the same value), by the search RADIX: 0 bisection, 1 radix (8-bit
-    digits), 2 value ranges, 3 / 5 radix with 4- / 5-bit digits (module docstring)."""
+    digits), 2 value ranges, 3 / 5 radix with 4- / 5-bit digits (module docstring).
+
+    Radix searches with PRE > 0: the histogram of the first PRE bits of every entry's key (:func:`ukey_top`)
+    was counted beforehand, at HIST (2**PRE int32 counts, of all entries but NPAD -inf ones): the search takes
+    its first digit from it and continues with RADIX's digits below (two 5-bit passes fewer for PRE = 10)."""
     valid = x > float("-inf")
     bits = x.to(tl.int32, bitcast=True)
     key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # int32, ordered like x
@@ -103,7 +116,7 @@ def _search(x, offs, K, RADIX: tl.constexpr):
         # k-th largest is kept whole (then the threshold needs no more bits)
         W: tl.constexpr = 8 if RADIX == 1 else 4 if RADIX == 3 else 5
         NBINS: tl.constexpr = 1 << W
-        NPASS: tl.constexpr = (32 + W - 1) // W
+        NPASS: tl.constexpr = (32 - PRE + W - 1) // W
         ukey = key.to(tl.int64) + 2147483648
         bins = tl.arange(0, NBINS)
         zero = tl.min(offs, 0) * 0
@@ -111,9 +124,19 @@ def _search(x, offs, K, RADIX: tl.constexpr):
         krem = K + zero
         done = zero
         cut = zero.to(tl.int64)  # the threshold is prefix >> cut, compared with ukey >> cut
+        if PRE > 0:  # the first digit from the counted histogram (the -inf padding: ukey_top(-inf) == 1)
+            b1 = tl.arange(0, 1 << PRE)
+            h1 = tl.load(HIST + b1, cache_modifier=".cg") + tl.where(b1 == 1, NPAD, 0)
+            ge1 = tl.sum(h1, 0) - tl.cumsum(h1, 0) + h1
+            d1 = tl.maximum(tl.max(tl.where(ge1 >= krem, b1, -1), 0), 0)
+            krem = krem - tl.sum(tl.where(b1 > d1, h1, 0), 0)
+            in1 = tl.sum(tl.where(b1 == d1, h1, 0), 0)
+            prefix = d1.to(tl.int64) << (32 - PRE)
+            cut = zero.to(tl.int64) + (32 - PRE)
+            done = (in1 == krem).to(tl.int32)
         for p in tl.static_range(NPASS):
             if done == 0:
-                top: tl.constexpr = 32 - W * p  # bits >= top are decided
+                top: tl.constexpr = 32 - PRE - W * p  # bits >= top are decided
                 width: tl.constexpr = W if W < top else top  # the last digit may be narrower (5 bits: 2)
                 shift: tl.constexpr = top - width
                 match = (ukey >> top) == (prefix >> top)
@@ -161,10 +184,11 @@ def _keep_mask(gt, eq, K):
 
 @triton.jit
 def _select_core(x, offs, K, OUT_ROW, val, BLOCK: tl.constexpr, KP: tl.constexpr, RADIX: tl.constexpr,
-                 OUT_X, STORE_X: tl.constexpr):
+                 OUT_X, STORE_X: tl.constexpr, HIST=None, PRE: tl.constexpr = 0, NPAD=0):
     """Store at OUT_ROW[0:K] the ``val`` of the K largest finite entries of x (ascending offs), -1 padded
-    (with STORE_X also their scores at OUT_X[0:K], -inf padded). RADIX: the search (:func:`_search`)."""
-    gt, eq = _search(x, offs, K, RADIX)
+    (with STORE_X also their scores at OUT_X[0:K], -inf padded). RADIX: the search (:func:`_search`);
+    HIST / PRE / NPAD: a counted first digit (:func:`_search`)."""
+    gt, eq = _search(x, offs, K, RADIX, HIST, PRE, NPAD)
     keep = _keep_mask(gt, eq, K)
     keep_i = keep.to(tl.int32)
     dest = tl.cumsum(keep_i, 0) - 1
@@ -178,10 +202,11 @@ def _select_core(x, offs, K, OUT_ROW, val, BLOCK: tl.constexpr, KP: tl.constexpr
 
 
 @triton.jit
-def _select_holes(x, offs, K, OUT_ROW, val, RADIX: tl.constexpr):
+def _select_holes(x, offs, K, OUT_ROW, val, RADIX: tl.constexpr, HIST=None, PRE: tl.constexpr = 0, NPAD=0):
     """The K largest finite entries of x without compaction: OUT_ROW[j] = val[j] where entry j is kept, -1
-    where not (no prefix sum, and one coalesced store; for consumers to which the order does not matter)."""
-    gt, eq = _search(x, offs, K, RADIX)
+    where not (no prefix sum, and one coalesced store; for consumers to which the order does not matter).
+    HIST / PRE / NPAD: a counted first digit (:func:`_search`)."""
+    gt, eq = _search(x, offs, K, RADIX, HIST, PRE, NPAD)
     keep = _keep_mask(gt, eq, K)
     tl.store(OUT_ROW + offs, tl.where(keep, val, -1).to(tl.int32))
 
