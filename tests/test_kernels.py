@@ -38,6 +38,61 @@ SMALL = HisaConfig(block_size=16, top_blocks=8, top_k=64, min_context=0)
 
 
 # ---------------------------------------------------------------------------------------------- CPU
+_COUNTED_DIGIT_CHECK = r"""
+import torch, triton, triton.language as tl
+from hisa.kernels.select import _keep_mask, _search, ukey_top
+
+@triton.jit
+def counted(X, H, OUT, N, K, NPAD, W: tl.constexpr, PRE: tl.constexpr):
+    offs = tl.arange(0, W)
+    x = tl.load(X + offs, mask=offs < N, other=float("-inf"))
+    tl.store(H + tl.arange(0, 1 << PRE), tl.histogram(ukey_top(x, PRE), 1 << PRE, mask=offs < N))
+    gt, eq = _search(x, offs, K, 5, H, PRE, NPAD)
+    tl.store(OUT + offs, _keep_mask(gt, eq, K).to(tl.int32))
+
+@triton.jit
+def plain(X, OUT, N, K, W: tl.constexpr):
+    offs = tl.arange(0, W)
+    x = tl.load(X + offs, mask=offs < N, other=float("-inf"))
+    gt, eq = _search(x, offs, K, 5)
+    tl.store(OUT + offs, _keep_mask(gt, eq, K).to(tl.int32))
+
+torch.manual_seed(0)
+for trial in range(12):
+    W, N, K = 512, [480, 512, 300][trial % 3], [64, 299, 480, 600][trial % 4]
+    x = torch.randn(W) * [1.0, 1000.0, 1e-3][trial % 3]
+    if trial % 2:
+        x[torch.randperm(W)[:50]] = float("-inf")
+        x[:3] = float("inf")
+    if trial % 3 == 1:
+        x = torch.round(x * 2) / 2  # ties at the threshold
+    want = torch.zeros(W, dtype=torch.int32)
+    plain[(1,)](x, want, N, K, W=W)
+    for pre in (10, 12):
+        got = torch.zeros(W, dtype=torch.int32)
+        counted[(1,)](x, torch.zeros(1 << pre, dtype=torch.int32), got, N, K, W - N, W=W, PRE=pre)
+        assert torch.equal(got, want), (trial, pre)
+print("ok")
+"""
+
+
+def test_counted_first_digit_selects_like_the_plain_search():
+    """The graph decode's selections with a first key digit counted beforehand (a histogram of the scores' top
+    10 / 12 key bits, -inf padding added by the search) keep exactly the entries the plain 5-bit radix search
+    keeps: ties, +/-inf, padding, every scale. Runs the kernels' code in Triton's interpreter (CPU)."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-c", _COUNTED_DIGIT_CHECK], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
+
+
 def test_tiled_reference_is_dense_when_blocks_cover_context():
     q, k, v = _fresh(2, 8, 2, 45, 100, 16, torch.float32, "cpu")
     cfg = HisaConfig(block_size=16, top_blocks=8, top_k=64, min_context=0)  # 7 blocks <= 8

@@ -124,9 +124,10 @@ def _search(x, offs, K, RADIX: tl.constexpr, HIST=None, PRE: tl.constexpr = 0, N
         krem = K + zero
         done = zero
         cut = zero.to(tl.int64)  # the threshold is prefix >> cut, compared with ukey >> cut
-        if PRE > 0:  # the first digit from the counted histogram (the -inf padding: ukey_top(-inf) == 1)
+        if PRE > 0:  # the first digit from the counted histogram, plus the NPAD -inf entries in -inf's bin
             b1 = tl.arange(0, 1 << PRE)
-            h1 = tl.load(HIST + b1, cache_modifier=".cg") + tl.where(b1 == 1, NPAD, 0)
+            NEG_INF_BIN: tl.constexpr = 0x7FFFFF >> (32 - PRE)  # ukey_top(-inf): key 0x807FFFFF + 2**31
+            h1 = tl.load(HIST + b1, cache_modifier=".cg") + tl.where(b1 == NEG_INF_BIN, NPAD, 0)
             ge1 = tl.sum(h1, 0) - tl.cumsum(h1, 0) + h1
             d1 = tl.maximum(tl.max(tl.where(ge1 >= krem, b1, -1), 0), 0)
             krem = krem - tl.sum(tl.where(b1 > d1, h1, 0), 0)
