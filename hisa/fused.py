@@ -188,31 +188,46 @@ def _residual_layer(hidden_states, *args, layer, original, slot_attn, slot_mlp, 
     return r
 
 
+def _has(m, name: str) -> bool:
+    """``hasattr(m, name)`` for a module without nn.Module's slow ``__getattr__`` miss path (this runs over every
+    module at the start of each long forward)."""
+    return (name in m.__dict__ or name in m._modules or name in m._parameters or name in m._buffers
+            or hasattr(type(m), name))
+
+
+def _set_forward(m, fn) -> None:
+    """``m.forward = fn`` without nn.Module's ``__setattr__`` checks (``fn`` is a plain callable: what that
+    method would do too)."""
+    m.__dict__["forward"] = fn
+
+
 def _fusable_layer(m) -> bool:
-    attn, mlp = getattr(m, "self_attn", None), getattr(m, "mlp", None)
-    if type(m).__name__ not in LAYERS or type(attn).__name__ not in ATTENTIONS or type(mlp).__name__ not in MLPS:
+    if type(m).__name__ not in LAYERS:
         return False
-    if not (hasattr(m, "input_layernorm") and hasattr(m, "post_attention_layernorm")):
+    attn, mlp = getattr(m, "self_attn", None), getattr(m, "mlp", None)
+    if type(attn).__name__ not in ATTENTIONS or type(mlp).__name__ not in MLPS:
+        return False
+    if not (_has(m, "input_layernorm") and _has(m, "post_attention_layernorm")):
         return False
     projs = (getattr(attn, "o_proj", None), getattr(mlp, "down_proj", None))
     return all(_is_linear(p) and p.bias is None for p in projs) and not m._forward_hooks and \
         not m._forward_pre_hooks
 
 
-def _fuse_residuals(model, restore) -> None:
+def _fuse_residuals(modules, restore) -> None:
     own: dict = {}
-    for m in model.modules():
+    for m in modules:
         if not _fusable_layer(m):
             continue
         slot_attn, slot_mlp = {}, {}
         for proj, slot in ((m.self_attn.o_proj, slot_attn), (m.mlp.down_proj, slot_mlp)):
             old = proj.__dict__.get("forward")
-            proj.forward = functools.partial(_residual_linear, m=proj, slot=slot)
+            _set_forward(proj, functools.partial(_residual_linear, m=proj, slot=slot))
             restore.append(functools.partial(_restore_forward, proj, old))
         old = m.__dict__.get("forward")
         original = old if old is not None else functools.partial(type(m).forward, m)
-        m.forward = functools.partial(_residual_layer, layer=m, original=original, slot_attn=slot_attn,
-                                      slot_mlp=slot_mlp, own=own)
+        _set_forward(m, functools.partial(_residual_layer, layer=m, original=original, slot_attn=slot_attn,
+                                          slot_mlp=slot_mlp, own=own))
         restore.append(functools.partial(_restore_forward, m, old))
 
 
@@ -236,13 +251,14 @@ def fused_elementwise(model, kind: str = "compiled", *, join_projections: bool =
     restore = []
     try:
         rms, rot, gate = _implementations(kind)
+        modules = list(model.modules())
         if residual:
-            _fuse_residuals(model, restore)
-        for m in model.modules():
+            _fuse_residuals(modules, restore)
+        for m in modules:
             name = type(m).__name__
-            if name in NORMS and hasattr(m, "variance_epsilon"):
+            if name in NORMS and _has(m, "variance_epsilon"):
                 old = m.__dict__.get("forward")
-                m.forward = functools.partial(rms, weight=m.weight, eps=float(m.variance_epsilon))
+                _set_forward(m, functools.partial(rms, weight=m.weight, eps=float(m.variance_epsilon)))
                 restore.append(functools.partial(_restore_forward, m, old))
             elif name in MLPS and type(getattr(m, "act_fn", None)).__name__ in ("SiLUActivation", "SiLU"):
                 old = m.__dict__.get("forward")
@@ -255,11 +271,11 @@ def fused_elementwise(model, kind: str = "compiled", *, join_projections: bool =
                         gu = torch.nn.functional.linear(x, w, b)
                         return m.down_proj(gate(gu[..., :inter], gu[..., inter:]))
 
-                    m.forward = mlp
+                    _set_forward(m, mlp)
                 else:
-                    m.forward = lambda x, m=m: m.down_proj(gate(m.gate_proj(x), m.up_proj(x)))
+                    _set_forward(m, lambda x, m=m: m.down_proj(gate(m.gate_proj(x), m.up_proj(x))))
                 restore.append(functools.partial(_restore_forward, m, old))
-            elif hasattr(m, "q_proj") and hasattr(m, "layer_idx"):
+            elif _has(m, "q_proj") and _has(m, "layer_idx"):
                 mod = sys.modules.get(type(m).__module__)
                 if mod is not None and hasattr(mod, "apply_rotary_pos_emb") and mod.apply_rotary_pos_emb is not rot:
                     original = mod.apply_rotary_pos_emb
@@ -269,7 +285,7 @@ def fused_elementwise(model, kind: str = "compiled", *, join_projections: bool =
                 forwards = _joined_projection(projs) if join_projections else None
                 for proj, fwd in zip(projs, forwards or ()):
                     old = proj.__dict__.get("forward")
-                    proj.forward = fwd
+                    _set_forward(proj, fwd)
                     restore.append(functools.partial(_restore_forward, proj, old))
         yield
     finally:
@@ -285,7 +301,7 @@ def _restore_forward(m, old) -> None:
     if old is None:
         m.__dict__.pop("forward", None)
     else:
-        m.forward = old
+        _set_forward(m, old)
 
 
 def prefill_fusion(model, n_tokens: int, *, keep_hidden_states: bool = False):
