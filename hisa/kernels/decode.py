@@ -114,6 +114,27 @@ def _slice_scores(Q, P, LENP, row, sl, sqb, sqh, spb, sph, spn, NSEL, SG, G, D, 
     return x, offs
 
 
+@triton.jit
+def _count_first_digit(HIST, row, x, mask, PRE: tl.constexpr):
+    """With PRE > 0: add the top PRE key bits of this program's scores ``x`` (where ``mask``) to the row's
+    histogram at HIST (relaxed atomics, before the program arrives), for the selecting program's first digit
+    (:func:`select._search`). Returns the row's histogram (None without PRE)."""
+    if PRE > 0:
+        hrow = HIST + row.to(tl.int64) * (1 << PRE)
+        tl.atomic_add(hrow + ukey_top(x, PRE), 1, mask=mask, sem="relaxed", scope="gpu")
+    else:
+        hrow = HIST
+    return hrow
+
+
+@triton.jit
+def _clear_first_digit(hrow, PRE: tl.constexpr):
+    """The selecting program, after its search: zero the row's histogram for the next launch or replay."""
+    if PRE > 0:
+        tl.debug_barrier()
+        tl.store(hrow + tl.arange(0, 1 << PRE), tl.zeros([1 << PRE], tl.int32))
+
+
 @triton.jit(do_not_specialize=["NB"])
 def _stage1_fused(
     Q, P, S1, BLK, CNT, LENP, sqb, sqh, spb, sph, spn,
@@ -129,18 +150,12 @@ def _stage1_fused(
                             SGP, DP, DC, SLICE)
     srow = S1 + row.to(tl.int64) * NBP
     tl.store(srow + offs, x)
-    if PRE > 0:  # count the first digit of the selection's search here, spread over the row's programs
-        hrow = HIST + row.to(tl.int64) * (1 << PRE)
-        tl.atomic_add(hrow + ukey_top(x, PRE), 1, sem="relaxed", scope="gpu")
+    hrow = _count_first_digit(HIST, row, x, offs >= 0, PRE)
     if _arrive(CNT + row, NP):
         cols = tl.arange(0, NBP)
         xs = tl.load(srow + cols, cache_modifier=".cg")
-        if PRE > 0:
-            _select_core(xs, cols, TB, BLK + row.to(tl.int64) * TB, cols, NBP, KP, METHOD, BLK, False, hrow, PRE, 0)
-            tl.debug_barrier()
-            tl.store(hrow + tl.arange(0, 1 << PRE), tl.zeros([1 << PRE], tl.int32))  # zero for the next launch
-        else:
-            _select_core(xs, cols, TB, BLK + row.to(tl.int64) * TB, cols, NBP, KP, METHOD, BLK, False)
+        _select_core(xs, cols, TB, BLK + row.to(tl.int64) * TB, cols, NBP, KP, METHOD, BLK, False, hrow, PRE, 0)
+        _clear_first_digit(hrow, PRE)
 
 
 @triton.jit
@@ -177,9 +192,7 @@ def _stage2_fused(
     s = tl.where(ok, s, float("-inf"))
     srow = S2 + row.to(tl.int64) * W2P
     tl.store(srow + slot * bs + within, s, mask=in_range)
-    if PRE > 0:  # count the first digit of the selection's search here, spread over the row's programs
-        hrow = HIST + row.to(tl.int64) * (1 << PRE)
-        tl.atomic_add(hrow + ukey_top(s, PRE), 1, mask=in_range, sem="relaxed", scope="gpu")
+    hrow = _count_first_digit(HIST, row, s, in_range, PRE)
     if _arrive(CNT + row, NP):
         cols = tl.arange(0, W2P)
         live = cols < TB * bs
@@ -187,13 +200,11 @@ def _stage2_fused(
         bl = tl.load(brow + cols // bs, mask=live, other=0)
         val = bl * bs + cols % bs
         if COMPACT:
-            _select_core(xs, cols, TK, IDX + row.to(tl.int64) * TK, val, W2P, KP, METHOD, IDX, False)
-        elif PRE > 0:
-            _select_holes(xs, cols, TK, IDX + row.to(tl.int64) * W2P, val, METHOD, hrow, PRE, W2P - TB * bs)
-            tl.debug_barrier()
-            tl.store(hrow + tl.arange(0, 1 << PRE), tl.zeros([1 << PRE], tl.int32))  # zero for the next launch
+            _select_core(xs, cols, TK, IDX + row.to(tl.int64) * TK, val, W2P, KP, METHOD, IDX, False, hrow, PRE,
+                         W2P - TB * bs)
         else:
-            _select_holes(xs, cols, TK, IDX + row.to(tl.int64) * W2P, val, METHOD)
+            _select_holes(xs, cols, TK, IDX + row.to(tl.int64) * W2P, val, METHOD, hrow, PRE, W2P - TB * bs)
+        _clear_first_digit(hrow, PRE)
 
 
 @triton.jit(do_not_specialize=["NB"])
