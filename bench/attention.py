@@ -120,19 +120,19 @@ def prefill_case(L, D, cfg, dtype, check_rows, results, tune):
     row["select_ms"] = bench(lambda: tiled.tile_blocks(q, k, pooled, cfg, 0))
     if tune:
         row["tune"] = {}
-        for bm, nw, ns, *cf in tune:
-            st = {"block_m": bm, "num_warps": nw, "num_stages": ns, **({"chunk_fast": bool(cf[0])} if cf else {}),
-                  **({"maxnreg": cf[1]} if len(cf) > 1 else {})}
+        for kern, (bm, nw, ns, *cf) in tune:
+            st = {"kernel": kern, "block_m": bm, "num_warps": nw, "num_stages": ns,
+                  **({"chunk_fast": bool(cf[0])} if cf else {}), **({"maxnreg": cf[1]} if len(cf) > 1 else {})}
             o = torch.empty_like(out)
             try:
                 f = lambda: tiled.hisa_attention_tiled(  # noqa: E731
                     q, k, v, pooled, cfg, scale=D**-0.5, q_start=0, mask=None, out=o, settings=st)
                 f()
-                name = "/".join(str(x) for x in (bm, nw, ns, *cf))
+                name = kern + " " + "/".join(str(x) for x in (bm, nw, ns, *cf))
                 row["tune"][name] = bench(f)
                 row["tune"][name + " err vs default"] = rel(o, out)
             except Exception as e:  # noqa: BLE001
-                row["tune"]["/".join(str(x) for x in (bm, nw, ns, *cf))] = repr(e)[:100]
+                row["tune"][kern + " " + "/".join(str(x) for x in (bm, nw, ns, *cf))] = repr(e)[:100]
     best = min((row.get("cudnn_ms") or 1e9), (row.get("flash_ms") or 1e9))
     row["speedup_vs_best_sdpa"] = best / row["hisa_ms"]
     # correctness on the last check_rows queries (a block-aligned suffix: tile selections are per tile)
@@ -272,7 +272,8 @@ def main(argv=None):
     ap.add_argument("--top-k", type=int, default=None)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--check-rows", type=int, default=256)
-    ap.add_argument("--tune", default="", help="tile settings to try, rows/warps/stages[/chunk_fast 0|1[/max registers]], e.g. 128/8/2,128/8/3/1/128")
+    ap.add_argument("--tune", default="", help="tile settings to try, [kernel:]rows/warps/stages[/chunk_fast 0|1"
+                    "[/max registers]], kernel triton (default) or wgmma (Hopper), e.g. 128/8/2,128/8/3/1/128,wgmma:64/4/2")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if not kernels.AVAILABLE:
@@ -281,7 +282,8 @@ def main(argv=None):
     if args.top_blocks or args.top_k:
         cfg = cfg.replace(top_blocks=args.top_blocks or cfg.top_blocks, top_k=args.top_k or cfg.top_k)
     dtype = getattr(torch, args.dtype)
-    tune = [tuple(int(x) for x in t.split("/")) for t in args.tune.split(",") if t]
+    tune = [(t.split(":")[0] if ":" in t else "triton", tuple(int(x) for x in t.split(":")[-1].split("/")))
+            for t in args.tune.split(",") if t]
     results = []
     dev = torch.cuda.get_device_name()
     print(f"# {dev}, torch {torch.__version__}, dtype {args.dtype}, config {cfg.to_dict()}", flush=True)

@@ -278,6 +278,45 @@ def test_tiled_kernel_tma_and_pointer_loads(G, D, tma):
 
 @gpu
 @needs_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("G", [1, 2, 4, 7, 8])
+@pytest.mark.parametrize("bs", [16, 64])
+def test_wgmma_tile_kernel(bs, G, D, dtype, monkeypatch):
+    """The Hopper (Gluon) tile kernel against the specification, forced at both head dims: ragged lengths, a
+    chunk starting mid-block, the model's [B, L, H, D] query/output views, K/V views of longer buffers whose
+    rows past the keys hold NaN (must never be read into a result), and a check that it really ran."""
+    from hisa.kernels import tiled, tiled_wgmma
+
+    k0 = torch.empty(1, 1, 8, 64, device="cuda")
+    if torch.cuda.get_device_capability()[0] != 9 or not tiled_wgmma.available() or not tiled.use_tma(k0, k0):
+        pytest.skip("the wgmma kernel needs a Hopper GPU with TMA and Gluon")
+    calls = []
+    launch = tiled_wgmma.launch
+    monkeypatch.setattr(tiled_wgmma, "launch", lambda *a, **kw: calls.append(kw) or launch(*a, **kw))
+    cfg = HisaConfig(block_size=bs, top_blocks=8 if bs == 16 else 4, top_k=64, min_context=0)
+    Hkv = 2
+    Lk = 900 + 37 * G
+    Lq = Lk if G % 2 else 333
+    _seed[0] += 1
+    gen = torch.Generator(device="cpu").manual_seed(_seed[0])
+    q = torch.randn(1, Lq, G * Hkv, D, generator=gen).to("cuda", dtype).transpose(1, 2)
+    kb, vb = (torch.randn(1, Hkv, Lk + 64, D, generator=gen).to("cuda", dtype) for _ in range(2))
+    kb[:, :, Lk:] = float("nan")
+    vb[:, :, Lk:] = float("nan")
+    k, v = kb[:, :, :Lk], vb[:, :, :Lk]
+    pooled = pool_keys(k, bs)
+    out = torch.empty(1, Lq, G * Hkv, D, device="cuda", dtype=dtype).transpose(1, 2)
+    tiled.hisa_attention_tiled(q, k, v, pooled, cfg, scale=D**-0.5, q_start=Lk - Lq, mask=None, out=out,
+                               settings={"kernel": "wgmma"})
+    ref = hisa_attention_tiled_reference(q.float(), k.float(), v.float(), pooled, cfg, q_start=Lk - Lq)
+    assert _rel(out, ref) < TOL[dtype]
+    rows = min(1 << (G - 1).bit_length(), 64 // bs) * bs  # heads per program (a power of two) x block
+    assert len(calls) == (1 if rows >= 64 else 0)  # fewer than 64 rows per program: the Triton kernel
+
+
+@gpu
+@needs_gpu
 @pytest.mark.parametrize("selection", ["group", "head"])
 @pytest.mark.parametrize("bs", [32, 64])
 def test_tiled_path_default_shapes(selection, bs):

@@ -144,6 +144,15 @@ TILE_SETTINGS_TMA = {64: {"block_m": 128, "num_warps": 8, "num_stages": 3, "maxn
 # the tiles of one head chunk; settings key "chunk_fast" overrides
 CHUNK_FAST = True
 _TMA_ENV = "HISA_TMA"  # "0": pointer loads everywhere
+# Hopper (compute capability 9.x): the Gluon kernel of tiled_wgmma.py (asynchronous warpgroup MMAs overlapped with
+# the softmax). Settings by head dim (<= 64, larger); "auto": used without being asked for. H100, 128k: at head dim
+# 64 one 4-warp program per head (4 programs per SM) and 2 stages; TTFT of the 1B model 0.615 / 0.618 s against 0.629 /
+# 0.633 with this file's kernel (alternating rounds, two machines; alone the two kernels are within +-3 % of each
+# other). At head dim 128 it is slower (19.5 vs 18.3 ms): this file's kernel there. HISA_TILE_KERNEL=triton: never,
+# =wgmma: wherever it applies (settings key "kernel" likewise, per call).
+_KERNEL_ENV = "HISA_TILE_KERNEL"
+WGMMA_SETTINGS = {64: {"block_m": 64, "num_warps": 4, "num_stages": 2, "auto": True},
+                  128: {"block_m": 64, "num_warps": 4, "num_stages": 3, "auto": False}}
 
 
 def use_tma(k, v) -> bool:
@@ -163,6 +172,20 @@ def settings_for(D: int, tma: bool) -> dict:
     if not tma:
         return dict(TILE_SETTINGS)
     return dict(TILE_SETTINGS_TMA[64 if D <= 64 else 128])
+
+
+def _wgmma_applies(q, k, out, D: int, bs: int, rows: int, warps: int, mask) -> bool:
+    """Whether the Hopper kernel of tiled_wgmma.py can run this call (K/V already known to suit TMA): no mask,
+    bf16/fp16, head dim a power of two up to 128, blocks of 16-64 keys, at least 16 rows per warp."""
+    from . import tiled_wgmma  # noqa: PLC0415
+
+    if not (mask is None and tiled_wgmma.available()):
+        return False
+    if torch.cuda.get_device_capability(q.device)[0] != 9:  # wgmma is Hopper's instruction
+        return False
+    return (q.dtype in (torch.bfloat16, torch.float16) and k.dtype == q.dtype and out.dtype == q.dtype
+            and D in (16, 32, 64, 128) and bs % 16 == 0 and bs <= 64 and warps % 4 == 0
+            and rows >= 16 * warps and q.stride(-1) == 1 and out.stride(-1) == 1)
 
 
 def tile_supported(config, D: int) -> bool:
@@ -227,6 +250,31 @@ def tile_blocks(q, k, pooled, config, q_start: int):
     return topk_select(scores, config.top_blocks, n=NB, nvis=(t_first * bs, bs, NT, bs)), NT, t_first
 
 
+def _run_wgmma(q, k, v, blk, out, config, settings, forced: bool, *, NSEL, SG, G, NT, t_first, q_start, scale,
+               mask) -> bool:
+    """Run the Hopper kernel of tiled_wgmma.py if it applies (and, unless forced, is the default at this head
+    dim); False: the caller runs the Triton kernel."""
+    Lq, D = q.shape[2], q.shape[3]
+    bs = config.block_size
+    wst = {**WGMMA_SETTINGS[64 if D <= 64 else 128],
+           **{n: x for n, x in (settings or {}).items() if n not in ("tma", "kernel")}}
+    if not (forced or wst["auto"]):
+        return False
+    hpp = max(1, min(triton.next_power_of_2(SG), wst["block_m"] // bs))
+    warps = min(wst["num_warps"], max(4, hpp * bs // 16 // 4 * 4))
+    if not _wgmma_applies(q, k, out, D, bs, hpp * bs, warps, mask):
+        return False
+    from . import tiled_wgmma  # noqa: PLC0415
+
+    nchunk = triton.cdiv(SG, hpp)
+    tiled_wgmma.launch(
+        q, k, v, blk, out, NSEL=NSEL, SG=SG, G=G, NT=NT, t_first=t_first, q_start=q_start, Lq=Lq, Lk=k.shape[2],
+        top_blocks=config.top_blocks, qk_scale=scale * _LOG2E, bs=bs, hpp=hpp,
+        chunk_fast=bool(wst.get("chunk_fast", CHUNK_FAST)) and nchunk > 1 and NT < 65536,
+        num_warps=warps, stages=wst["num_stages"], maxnreg=wst.get("maxnreg"))
+    return True
+
+
 def hisa_attention_tiled(q, k, v, pooled, config, *, scale, q_start, mask, out, settings=None):
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
@@ -235,8 +283,13 @@ def hisa_attention_tiled(q, k, v, pooled, config, *, scale, q_start, mask, out, 
     NSEL = Hq // SG
     bs = config.block_size
     tma = use_tma(k, v) if (settings or {}).get("tma") is None else bool(settings["tma"])
-    st = {**settings_for(D, tma), **{n: x for n, x in (settings or {}).items() if n != "tma"}}
+    st = {**settings_for(D, tma), **{n: x for n, x in (settings or {}).items() if n not in ("tma", "kernel")}}
     blk, NT, t_first = tile_blocks(q, k, pooled, config, q_start)
+    kernel = (settings or {}).get("kernel") or os.environ.get(_KERNEL_ENV, "auto")
+    if kernel != "triton" and tma and _run_wgmma(q, k, v, blk, out, config, settings, kernel == "wgmma", NSEL=NSEL,
+                                                 SG=SG, G=G, NT=NT, t_first=t_first, q_start=q_start, scale=scale,
+                                                 mask=mask):
+        return out
     hpp = max(1, min(triton.next_power_of_2(SG), st["block_m"] // bs))
     warps = st["num_warps"]
     if tma and hpp * bs < st["block_m"]:  # fewer rows than the setting's (small groups): warps in proportion
