@@ -145,14 +145,15 @@ TILE_SETTINGS_TMA = {64: {"block_m": 128, "num_warps": 8, "num_stages": 3, "maxn
 CHUNK_FAST = True
 _TMA_ENV = "HISA_TMA"  # "0": pointer loads everywhere
 # Hopper (compute capability 9.x): the Gluon kernel of tiled_wgmma.py (asynchronous warpgroup MMAs overlapped with
-# the softmax). Settings by head dim (<= 64, larger); "auto": used without being asked for. H100, 128k: at head dim
-# 64 one 4-warp program per head (4 programs per SM) and 2 stages; TTFT of the 1B model 0.615 / 0.618 s against 0.629 /
-# 0.633 with this file's kernel (alternating rounds, two machines; alone the two kernels are within +-3 % of each
-# other). At head dim 128 it is slower (19.5 vs 18.3 ms): this file's kernel there. HISA_TILE_KERNEL=triton: never,
-# =wgmma: wherever it applies (settings key "kernel" likewise, per call).
+# the softmax, row sums by a product with ones). Settings by head dim (<= 64, larger); "auto": used without being
+# asked for. H100, 128k, alternating rounds in one process: at head dim 64 (one 4-warp program per head, 4 per SM,
+# 2 stages) the 1B model's TTFT is 0.605 s against 0.610 with the row sums on the CUDA cores and 0.620 with this
+# file's kernel (two earlier machines: 0.615 / 0.618 vs 0.629 / 0.633); alone 10.62 vs 10.85 ms per layer. At
+# head dim 128 it is slower (19.5 vs 18.3 ms): this file's kernel there. HISA_TILE_KERNEL=triton: never, =wgmma:
+# wherever it applies (settings key "kernel" likewise, per call).
 _KERNEL_ENV = "HISA_TILE_KERNEL"
-WGMMA_SETTINGS = {64: {"block_m": 64, "num_warps": 4, "num_stages": 2, "auto": True},
-                  128: {"block_m": 64, "num_warps": 4, "num_stages": 3, "auto": False}}
+WGMMA_SETTINGS = {64: {"block_m": 64, "num_warps": 4, "num_stages": 2, "sum_mma": True, "auto": True},
+                  128: {"block_m": 64, "num_warps": 4, "num_stages": 3, "sum_mma": True, "auto": False}}
 
 
 def use_tma(k, v) -> bool:
@@ -271,7 +272,7 @@ def _run_wgmma(q, k, v, blk, out, config, settings, forced: bool, *, NSEL, SG, G
         q, k, v, blk, out, NSEL=NSEL, SG=SG, G=G, NT=NT, t_first=t_first, q_start=q_start, Lq=Lq, Lk=k.shape[2],
         top_blocks=config.top_blocks, qk_scale=scale * _LOG2E, bs=bs, hpp=hpp,
         chunk_fast=bool(wst.get("chunk_fast", CHUNK_FAST)) and nchunk > 1 and NT < 65536,
-        num_warps=warps, stages=wst["num_stages"], maxnreg=wst.get("maxnreg"))
+        num_warps=warps, stages=wst["num_stages"], sum_mma=bool(wst.get("sum_mma")), maxnreg=wst.get("maxnreg"))
     return True
 
 
