@@ -5,7 +5,9 @@ position's logits) ``--reps`` times per setting, the settings alternating so tha
 shared: today's defaults, the residual additions as separate passes (``fused.FUSE_RESIDUAL`` off), the tile
 kernel launched tile-major within a head chunk (``tiled.CHUNK_FAST`` off), and the tile selection in one launch at
 the full width instead of bands of rows by visible width (``select.BAND_MIN_WIDTH``), and the tile kernel without
-its register cap (``maxnreg`` in ``tiled.TILE_SETTINGS_TMA``: one program per SM instead of two).
+its register cap (``maxnreg`` in ``tiled.TILE_SETTINGS_TMA``: one program per SM instead of two), and the Triton
+tile kernel instead of the Hopper (Gluon) one. The launch-order and register-cap variants change the Triton
+kernel only, which on Hopper runs at head dim 128 (the 1B model's head dim 64 runs the Gluon kernel).
 
     python bench/prefill_variants.py [--tokens 131072] [--reps 4]
 """
@@ -33,6 +35,8 @@ SETTINGS = {
     "tile selection in one launch (no width bands)": {(select, "BAND_MIN_WIDTH"): 1 << 30},
     "tile kernel without its register cap (one program per SM)": {(tiled, "TILE_SETTINGS_TMA"): {
         d: {n: x for n, x in st.items() if n != "maxnreg"} for d, st in tiled.TILE_SETTINGS_TMA.items()}},
+    "Triton tile kernel on Hopper too": {(tiled, "WGMMA_SETTINGS"): {
+        d: {**st, "auto": False} for d, st in tiled.WGMMA_SETTINGS.items()}},
 }
 
 

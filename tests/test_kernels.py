@@ -76,6 +76,23 @@ print("ok")
 """
 
 
+def test_tile_kernel_choice(monkeypatch):
+    """Which tile prefill kernel a call asks for: the settings' "kernel", else HISA_TILE_KERNEL, else auto;
+    tuning keys without a kernel name mean the Triton kernel; anything else is a clear error."""
+    tiled = pytest.importorskip("hisa.kernels.tiled")  # needs Triton
+    monkeypatch.delenv("HISA_TILE_KERNEL", raising=False)
+    assert tiled._kernel_choice(None) == "auto"
+    assert tiled._kernel_choice({"tma": False}) == "auto"
+    assert tiled._kernel_choice({"block_m": 128, "num_warps": 8}) == "triton"
+    assert tiled._kernel_choice({"kernel": "wgmma", "num_stages": 3}) == "wgmma"
+    monkeypatch.setenv("HISA_TILE_KERNEL", "triton")
+    assert tiled._kernel_choice({}) == "triton"
+    assert tiled._kernel_choice({"kernel": "auto"}) == "auto"
+    monkeypatch.setenv("HISA_TILE_KERNEL", "fast")
+    with pytest.raises(ValueError, match="auto, triton or wgmma"):
+        tiled._kernel_choice({})
+
+
 def test_counted_first_digit_selects_like_the_plain_search():
     """The graph decode's selections with a first key digit counted beforehand (a histogram of the scores' top
     10 / 12 key bits, -inf padding added by the search) keep exactly the entries the plain 5-bit radix search

@@ -251,6 +251,20 @@ def tile_blocks(q, k, pooled, config, q_start: int):
     return topk_select(scores, config.top_blocks, n=NB, nvis=(t_first * bs, bs, NT, bs)), NT, t_first
 
 
+def _kernel_choice(settings) -> str:
+    """'auto', 'triton' or 'wgmma': the settings' "kernel", else HISA_TILE_KERNEL; settings that tune rows / warps /
+    stages without naming a kernel are the Triton kernel's (as before the Hopper kernel existed)."""
+    settings = settings or {}
+    kernel = settings.get("kernel")
+    if kernel is None:
+        tuned = any(n not in ("tma", "kernel") for n in settings)
+        kernel = "triton" if tuned else os.environ.get(_KERNEL_ENV, "auto") or "auto"
+    if kernel not in ("auto", "triton", "wgmma"):
+        raise ValueError(f"tile kernel must be auto, triton or wgmma ({_KERNEL_ENV} or settings['kernel']), "
+                         f"got {kernel!r}")
+    return kernel
+
+
 def _run_wgmma(q, k, v, blk, out, config, settings, forced: bool, *, NSEL, SG, G, NT, t_first, q_start, scale,
                mask) -> bool:
     """Run the Hopper kernel of tiled_wgmma.py if it applies (and, unless forced, is the default at this head
@@ -286,7 +300,7 @@ def hisa_attention_tiled(q, k, v, pooled, config, *, scale, q_start, mask, out, 
     tma = use_tma(k, v) if (settings or {}).get("tma") is None else bool(settings["tma"])
     st = {**settings_for(D, tma), **{n: x for n, x in (settings or {}).items() if n not in ("tma", "kernel")}}
     blk, NT, t_first = tile_blocks(q, k, pooled, config, q_start)
-    kernel = (settings or {}).get("kernel") or os.environ.get(_KERNEL_ENV, "auto")
+    kernel = _kernel_choice(settings)
     if kernel != "triton" and tma and _run_wgmma(q, k, v, blk, out, config, settings, kernel == "wgmma", NSEL=NSEL,
                                                  SG=SG, G=G, NT=NT, t_first=t_first, q_start=q_start, scale=scale,
                                                  mask=mask):
