@@ -36,7 +36,6 @@ try:  # Gluon (Triton >= 3.5): Hopper's warpgroup MMA, TMA and mbarriers
         mbarrier,
         tma,
         warpgroup_mma,
-        warpgroup_mma_init,
         warpgroup_mma_wait,
     )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
@@ -226,6 +225,7 @@ if gluon is not None:
 
 
 def available() -> bool:
+    """Whether this Triton has Gluon's Hopper API (the caller also checks the GPU and the inputs)."""
     return gluon is not None
 
 
@@ -239,6 +239,7 @@ def descriptors(k, v, bs: int):
 
 def launch(q, k, v, blk, out, *, NSEL, SG, G, NT, t_first, q_start, Lq, Lk, top_blocks, qk_scale, bs, hpp,
            chunk_fast, num_warps=4, stages=2, sum_mma=True, maxnreg=None):
+    """Launch the kernel into ``out`` (arguments as for ``tiled._tile_attn``; ``blk`` from ``tiled.tile_blocks``)."""
     if stages < 2:
         raise ValueError(f"the wgmma tile kernel needs at least 2 K/V stages, got {stages}")
     D = q.shape[-1]
