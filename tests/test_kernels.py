@@ -334,6 +334,40 @@ def test_wgmma_tile_kernel(bs, G, D, dtype, monkeypatch):
 
 @gpu
 @needs_gpu
+def test_wgmma_tile_kernel_build_failure_falls_back(monkeypatch):
+    """A Triton/Gluon build the Hopper kernel does not compile with: the default path warns once and runs the
+    Triton kernel from then on (same result); a call that forces the Hopper kernel gets the error."""
+    from hisa.kernels import tiled, tiled_wgmma
+
+    k0 = torch.empty(1, 1, 8, 64, device="cuda")
+    if torch.cuda.get_device_capability()[0] != 9 or not tiled_wgmma.available() or not tiled.use_tma(k0, k0):
+        pytest.skip("the Hopper kernel does not run on this GPU")
+    monkeypatch.setattr(tiled, "_WGMMA_FAILED", False)
+    calls = []
+
+    def broken(*a, **kw):
+        calls.append(1)
+        raise RuntimeError("simulated compile failure")
+
+    monkeypatch.setattr(tiled_wgmma, "launch", broken)
+    cfg = HisaConfig(top_blocks=4, top_k=128, min_context=0)
+    q, k, v = _fresh(1, 8, 2, 600, 600, 64, torch.bfloat16)
+    pooled = pool_keys(k, cfg.block_size)
+    ref = hisa_attention_tiled_reference(q.float(), k.float(), v.float(), pooled, cfg)
+    run = dict(scale=64**-0.5, q_start=0, mask=None)
+    out = torch.empty_like(q)
+    with pytest.warns(RuntimeWarning, match="Hopper tile kernel failed"):
+        tiled.hisa_attention_tiled(q, k, v, pooled, cfg, out=out, **run)
+    assert _rel(out, ref) < TOL[torch.bfloat16]
+    out2 = torch.empty_like(q)
+    tiled.hisa_attention_tiled(q, k, v, pooled, cfg, out=out2, **run)  # not tried again
+    assert calls == [1] and _rel(out2, ref) < TOL[torch.bfloat16]
+    with pytest.raises(RuntimeError, match="simulated"):
+        tiled.hisa_attention_tiled(q, k, v, pooled, cfg, out=torch.empty_like(q), settings={"kernel": "wgmma"}, **run)
+
+
+@gpu
+@needs_gpu
 @pytest.mark.parametrize("selection", ["group", "head"])
 @pytest.mark.parametrize("bs", [32, 64])
 def test_tiled_path_default_shapes(selection, bs):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import torch
 import triton
@@ -152,6 +153,7 @@ _TMA_ENV = "HISA_TMA"  # "0": pointer loads everywhere
 # head dim 128 it is slower (19.5 vs 18.3 ms): this file's kernel there. HISA_TILE_KERNEL=triton: never, =wgmma:
 # wherever it applies (settings key "kernel" likewise, per call).
 _KERNEL_ENV = "HISA_TILE_KERNEL"
+_WGMMA_FAILED = False  # set when the Hopper kernel failed to build here: auto then means the Triton kernel
 WGMMA_SETTINGS = {64: {"block_m": 64, "num_warps": 4, "num_stages": 2, "sum_mma": True, "auto": True},
                   128: {"block_m": 64, "num_warps": 4, "num_stages": 3, "sum_mma": True, "auto": False}}
 
@@ -269,11 +271,12 @@ def _run_wgmma(q, k, v, blk, out, config, settings, forced: bool, *, NSEL, SG, G
                mask) -> bool:
     """Run the Hopper kernel of tiled_wgmma.py if it applies (and, unless forced, is the default at this head
     dim); False: the caller runs the Triton kernel."""
+    global _WGMMA_FAILED
     Lq, D = q.shape[2], q.shape[3]
     bs = config.block_size
     wst = {**WGMMA_SETTINGS[64 if D <= 64 else 128],
            **{n: x for n, x in (settings or {}).items() if n not in ("tma", "kernel")}}
-    if not (forced or wst["auto"]):
+    if not (forced or (wst["auto"] and not _WGMMA_FAILED)):
         return False
     hpp = max(1, min(triton.next_power_of_2(SG), wst["block_m"] // bs))
     warps = min(wst["num_warps"], max(4, hpp * bs // 16 // 4 * 4))
@@ -282,11 +285,19 @@ def _run_wgmma(q, k, v, blk, out, config, settings, forced: bool, *, NSEL, SG, G
     from . import tiled_wgmma  # noqa: PLC0415
 
     nchunk = triton.cdiv(SG, hpp)
-    tiled_wgmma.launch(
-        q, k, v, blk, out, NSEL=NSEL, SG=SG, G=G, NT=NT, t_first=t_first, q_start=q_start, Lq=Lq, Lk=k.shape[2],
-        top_blocks=config.top_blocks, qk_scale=scale * _LOG2E, bs=bs, hpp=hpp,
-        chunk_fast=bool(wst.get("chunk_fast", CHUNK_FAST)) and nchunk > 1 and NT < 65536,
-        num_warps=warps, stages=wst["num_stages"], sum_mma=bool(wst.get("sum_mma")), maxnreg=wst.get("maxnreg"))
+    try:
+        tiled_wgmma.launch(
+            q, k, v, blk, out, NSEL=NSEL, SG=SG, G=G, NT=NT, t_first=t_first, q_start=q_start, Lq=Lq,
+            Lk=k.shape[2], top_blocks=config.top_blocks, qk_scale=scale * _LOG2E, bs=bs, hpp=hpp,
+            chunk_fast=bool(wst.get("chunk_fast", CHUNK_FAST)) and nchunk > 1 and NT < 65536, num_warps=warps,
+            stages=wst["num_stages"], sum_mma=bool(wst.get("sum_mma")), maxnreg=wst.get("maxnreg"))
+    except Exception as e:  # a Triton/Gluon build this kernel does not compile with: keep serving with the other
+        if forced:
+            raise
+        _WGMMA_FAILED = True
+        warnings.warn(f"the Hopper tile kernel failed ({type(e).__name__}: {str(e)[:200]}); using the Triton "
+                      f"tile kernel from now on", RuntimeWarning, stacklevel=2)
+        return False
     return True
 
 

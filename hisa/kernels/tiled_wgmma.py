@@ -225,8 +225,15 @@ if gluon is not None:
 
 
 def available() -> bool:
-    """Whether this Triton has Gluon's Hopper API (the caller also checks the GPU and the inputs)."""
-    return gluon is not None
+    """Whether this Triton has Gluon's Hopper API as written against here (Triton 3.6; Gluon's API still moves
+    between releases). The caller also checks the GPU and the inputs."""
+    if gluon is None:
+        return False
+    try:
+        major, minor = (int(x) for x in triton.__version__.split(".")[:2])
+    except ValueError:
+        return False
+    return (major, minor) >= (3, 6)
 
 
 def descriptors(k, v, bs: int):
